@@ -1,0 +1,35 @@
+# The two set-up commands: `make demo` (the cats-vs-dogs recipe on bundled sample data)
+# and `make test` (the whole test suite). Both create .venv/ when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv proto lint bench clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m caffeport.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup tests
+
+# Regenerate caffeport/proto/caffe_pb2.py from proto/caffe.proto (a test fails when it is stale).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=caffeport/proto proto/caffe.proto
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check caffeport tests bench
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) demo_out

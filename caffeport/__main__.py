@@ -1,0 +1,3 @@
+from caffeport.cli import main
+
+main()

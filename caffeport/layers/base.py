@@ -1,0 +1,209 @@
+"""The layer contract and the type registry.
+
+Each Caffe layer type is one :class:`Layer` subclass, registered once by its Caffe type string::
+
+    @register("ReLU")
+    class ReLU(Layer):
+        def forward(self, x):
+            ...
+
+A layer is a ``torch.nn.Module``. The net builds it from its ``LayerParameter`` and the shapes of its
+bottoms (Caffe's ``LayerSetUp`` + ``Reshape``), then calls ``forward(*bottom_tensors)`` which returns
+one tensor or a tuple of tensors, one per top. Backward is torch autograd; where Caffe's gradient
+differs from autograd's (ties in MAX, sub-gradients at 0...) the layer uses a custom
+``torch.autograd.Function`` so that the numbers are Caffe's.
+
+Parameter blobs live in ``self.blobs`` (an ``nn.ParameterList``) in Caffe's order and with Caffe's
+shapes (e.g. InnerProduct weight ``(N, K)``), so that ``.caffemodel`` files map one to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from caffeport.errors import CaffeportError
+from caffeport.proto import caffe_pb2
+
+Shape = tuple[int, ...]
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+
+_REGISTRY: dict[str, type[Layer]] = {}
+
+
+def register(*type_names: str) -> Callable[[type[Layer]], type[Layer]]:
+    """Class decorator: register a Layer subclass under one or more Caffe type strings."""
+
+    def deco(cls: type[Layer]) -> type[Layer]:
+        for name in type_names:
+            if name in _REGISTRY and _REGISTRY[name] is not cls:
+                raise RuntimeError(f"layer type {name!r} registered twice")
+            _REGISTRY[name] = cls
+        if not getattr(cls, "type_name", None):
+            cls.type_name = type_names[0]
+        return cls
+
+    return deco
+
+
+def _load_families() -> None:
+    # Importing the family modules fills the registry.
+    import importlib
+
+    for mod in ("input", "common", "neuron", "vision", "loss", "recurrent", "data", "python", "detection"):
+        try:
+            importlib.import_module(f"caffeport.layers.{mod}")
+        except ModuleNotFoundError as e:  # a family not written yet
+            if e.name != f"caffeport.layers.{mod}":
+                raise
+
+
+def registry() -> dict[str, type[Layer]]:
+    """Caffe type string -> Layer class, for every type caffeport can run."""
+    if not _REGISTRY.get("__loaded__"):
+        _load_families()
+        _REGISTRY["__loaded__"] = Layer  # sentinel
+    return {k: v for k, v in _REGISTRY.items() if k != "__loaded__"}
+
+
+def layer_class(type_name: str) -> type[Layer] | None:
+    return registry().get(type_name)
+
+
+@dataclass
+class BuildContext:
+    """What a layer may need from the net being built, beyond its own LayerParameter."""
+
+    phase: int = TEST
+    root: Path = field(default_factory=Path.cwd)  # folder that relative paths in the net resolve against
+    source: str = "<net>"  # the net file's name, for error messages
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. Python layer search paths
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.root / p
+
+
+class Layer(nn.Module):
+    """Base class of every Caffe layer.
+
+    Subclasses override:
+
+    - ``setup(bottom_shapes)``: read ``self.param`` (the ``LayerParameter``), validate it (raise
+      ``self.error(...)``), and create parameter blobs with ``self.add_blob(shape, filler)``.
+    - ``forward(*bottoms)``: tensors in, tensor or tuple of tensors out (one per top).
+    - ``top_shapes(bottom_shapes)``: optional; when it returns None the net infers the top shapes by
+      running ``forward`` on zeros.
+
+    Class attributes: ``is_loss`` (Caffe's LossLayer: top 0 gets loss_weight 1 by default),
+    ``min_bottoms``/``max_bottoms``/``min_tops``/``max_tops`` (None = unchecked),
+    ``has_backward`` (False for Accuracy/ArgMax/Threshold: Caffe has no gradient),
+    ``is_data`` (a data-source layer: no bottoms, produces batches).
+    """
+
+    type_name: ClassVar[str] = ""
+    is_loss: ClassVar[bool] = False
+    is_data: ClassVar[bool] = False
+    is_input: ClassVar[bool] = False  # Input: tops are fed by the caller (pycaffe's net.inputs)
+    has_backward: ClassVar[bool] = True
+    min_bottoms: ClassVar[int | None] = None
+    max_bottoms: ClassVar[int | None] = None
+    min_tops: ClassVar[int | None] = None
+    max_tops: ClassVar[int | None] = None
+    # Bottom indices that can never receive a gradient (labels, indices, selectors).
+    no_grad_bottoms: ClassVar[tuple[int, ...]] = ()
+
+    def __init__(self, param: caffe_pb2.LayerParameter, bottom_shapes: Sequence[Shape], ctx: BuildContext):
+        super().__init__()
+        self.param = param
+        self.name = param.name
+        self.ctx = ctx
+        self.phase = ctx.phase
+        self.blobs = nn.ParameterList()
+        self._check_counts(len(bottom_shapes), len(param.top))
+        self.setup([tuple(int(d) for d in s) for s in bottom_shapes])
+
+    # --- to override -------------------------------------------------------------------------
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        """Read params, validate, create blobs. Default: nothing."""
+
+    def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape] | None:
+        """Top shapes for these bottom shapes, or None to infer them by running forward."""
+        return None
+
+    def forward(self, *bottoms: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def error(self, message: str) -> CaffeportError:
+        """An error naming this layer and the net file; ``raise self.error("...")``."""
+        return CaffeportError(f"{self.ctx.source}: layer '{self.name}' ({self.param.type}): {message}")
+
+    def add_blob(self, shape: Sequence[int], filler: Any | None = None, requires_grad: bool = True) -> nn.Parameter:
+        """Append a parameter blob of Caffe shape ``shape``, initialised by a FillerParameter."""
+        from caffeport.fillers import fill
+
+        data = fill(tuple(int(s) for s in shape), filler)
+        p = nn.Parameter(data, requires_grad=requires_grad)
+        self.blobs.append(p)
+        return p
+
+    def _check_counts(self, n_bottom: int, n_top: int) -> None:
+        def bad(what: str, n: int, lo: int | None, hi: int | None) -> None:
+            if (lo is not None and n < lo) or (hi is not None and n > hi):
+                want = f"{lo}" if lo == hi else f"{lo if lo is not None else 0}..{hi if hi is not None else 'any'}"
+                raise CaffeportError(
+                    f"{self.ctx.source}: layer '{self.param.name}' ({self.param.type}) has {n} {what}s, "
+                    f"Caffe expects {want}"
+                )
+
+        bad("bottom", n_bottom, self.min_bottoms, self.max_bottoms)
+        bad("top", n_top, self.min_tops, self.max_tops)
+
+    # --- weights <-> Caffe blobs -----------------------------------------------------------------
+    def load_blobs(self, arrays: Sequence[np.ndarray], source: str = "<weights>") -> None:
+        """Copy Caffe blobs into this layer (``CopyTrainedLayersFrom``): count and shapes must match.
+
+        Shapes match as Caffe's ``Blob::ShapeEquals`` does: legacy 4-D blobs are aligned from the end
+        (an InnerProduct weight stored as (1, 1, N, K) fits a (N, K) blob).
+        """
+        if len(arrays) != len(self.blobs):
+            raise CaffeportError(
+                f"{source}: layer '{self.name}' ({self.param.type}) has {len(arrays)} blobs in the weights, "
+                f"the net expects {len(self.blobs)}"
+            )
+        for i, (arr, p) in enumerate(zip(arrays, self.blobs)):
+            want = tuple(p.shape)
+            got = tuple(arr.shape)
+            if got != want and not legacy_shape_equal(got, want):
+                raise CaffeportError(
+                    f"{source}: layer '{self.name}' ({self.param.type}) blob {i}: weights have shape "
+                    f"{got}, the net expects {want}"
+                )
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(want))
+
+    def dump_blobs(self) -> list[np.ndarray]:
+        """The parameter blobs as numpy arrays with Caffe shapes."""
+        return [p.detach().cpu().numpy().copy() for p in self.blobs]
+
+
+def legacy_shape_equal(legacy: Shape, shape: Shape) -> bool:
+    """Caffe's ShapeEquals for a legacy num/channels/height/width blob: compare from the end, the
+    extra leading dims of the 4-D legacy shape must be 1."""
+    if len(legacy) > 4 or len(shape) > 4:
+        return False
+    leg = (1,) * (4 - len(legacy)) + tuple(legacy)
+    padded = (1,) * (4 - len(shape)) + tuple(shape)
+    return leg == padded
+
+
+def blob_shape(bs: caffe_pb2.BlobShape) -> Shape:
+    return tuple(int(d) for d in bs.dim)
