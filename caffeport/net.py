@@ -17,7 +17,6 @@ What Caffe does that a naive port would not:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -534,7 +533,7 @@ class Net:
             if not t.requires_grad:
                 continue
             if name in kwargs:
-                g = torch.as_tensor(np.asarray(kwargs[name], dtype=np.float32)).reshape(t.shape).to(t.device)
+                g = torch.tensor(np.asarray(kwargs[name], dtype=np.float32)).reshape(t.shape).to(t.device)
             elif name in self._diff_bufs:
                 g = self._diff_bufs[name]
             elif name in weights:
@@ -543,7 +542,7 @@ class Net:
                 continue
             tensors.append(t)
             grads.append(g)
-        for name, t in self._table.items():
+        for t in self._table.values():
             if t.requires_grad and not t.is_leaf:
                 t.retain_grad()
         if tensors:
@@ -552,7 +551,9 @@ class Net:
         names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
         return {n: self.blobs[n].diff for n in names}
 
-    def forward_backward(self, feeds: Mapping[str, torch.Tensor] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    def forward_backward(
+        self, feeds: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[float, dict[str, torch.Tensor]]:
         """One training pass as Caffe's ``ForwardBackward``: forward (data layers read their next
         batch), ``backward`` of the weighted loss into the param grads. Returns (loss, blob table)."""
         with torch.enable_grad():
@@ -659,16 +660,3 @@ def load_module(model: PathLike, weights: PathLike | None = None, device: str | 
     """One line from a legacy deploy net + caffemodel to an eval-mode ``torch.nn.Module``."""
     net = Net(model, weights, phase=TEST, device=device)
     return net.module.eval()
-
-
-def _atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
