@@ -55,7 +55,9 @@ def _indexed(group) -> list[np.ndarray]:
     try:
         order = sorted(keys, key=int)
     except ValueError:
-        raise CaffeportError(f"{group.file.filename}: {group.name}: expected datasets named 0, 1, ... got {keys}")
+        raise CaffeportError(
+            f"{group.file.filename}: {group.name}: expected datasets named 0, 1, ... got {keys}"
+        ) from None
     return [np.asarray(group[k][()], dtype=np.float32) for k in order]
 
 

@@ -173,7 +173,7 @@ def _block_span(text: str, start: int) -> int | None:
     toks = _tokens(text[start:])
     next(toks, None)  # the field name
     depth = 0
-    for kind, val, pos in toks:
+    for _kind, val, pos in toks:
         if depth == 0 and val == ":":
             continue
         if val in "{<":

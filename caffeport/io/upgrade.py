@@ -4,7 +4,8 @@ Order (``UpgradeNetAsNeeded``): V0 -> V1 (incl. merging ``padding`` layers into 
 conv/pool), deprecated data-transform fields -> ``transform_param``, V1 ``layers`` -> V2 ``layer``
 (enum type -> type string, ``blobs_lr``/``weight_decay`` -> ``param { lr_mult decay_mult }``),
 net-level ``input``/``input_dim``/``input_shape`` -> an ``Input`` layer put first, and BatchNorm
-layers declaring three ``param`` specs -> each spec forced to ``lr_mult: 0, decay_mult: 0``. Solvers: ``solver_type`` enum -> ``type``.
+layers declaring three ``param`` specs -> each spec forced to ``lr_mult: 0, decay_mult: 0``.
+Solvers: ``solver_type`` enum -> ``type``.
 
 Where Caffe only logs an error and carries on (a V0 field given to a layer type that does not take
 it) we warn with :class:`~caffeport.io.prototxt.CaffeportWarning`; where Caffe aborts
