@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,16 +31,26 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def _run(self) -> None:
-        assert self._queue is not None
-        while not self._stop.is_set():
+    @staticmethod
+    def _run(ref: weakref.ref[Prefetcher], q: queue.Queue[Any], stop: threading.Event) -> None:
+        # Holds the Prefetcher only weakly between batches, so that dropping the layer (and with it
+        # the Prefetcher) ends the thread and releases the reader.
+        while not stop.is_set():
+            p = ref()
+            if p is None:
+                return
+            produce = p.produce
+            del p
             try:
-                item: Any = ("ok", self.produce())
+                item: Any = ("ok", produce())
             except BaseException as e:  # forwarded to the consumer
                 item = ("err", e)
-            while not self._stop.is_set():
+            del produce
+            while not stop.is_set():
+                if ref() is None:
+                    return
                 try:
-                    self._queue.put(item, timeout=0.1)
+                    q.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue
@@ -51,7 +62,9 @@ class Prefetcher:
             return
         self._queue = queue.Queue(maxsize=self.depth)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread = threading.Thread(
+            target=Prefetcher._run, args=(weakref.ref(self), self._queue, self._stop), name=self.name, daemon=True
+        )
         self._thread.start()
 
     def get(self) -> Any:

@@ -65,20 +65,24 @@ def caffe_atoi(s: str) -> int:
     return sign * int(digits) if digits else 0
 
 
-def read_image_list(path: Path) -> list[tuple[str, int]]:
+def read_image_list(path: Path, keep_blank: bool = False) -> list[tuple[str, int]]:
     """Parse a Caffe image list ("<file> <label>" per line, split at the *last* space, label via atoi).
 
     A line without a space is a file name with label ``atoi(line)`` (usually 0), as in Caffe.
-    Differences: blank lines are skipped (Caffe would fail on them) and a trailing ``\\r`` is dropped.
+    A trailing ``\\r`` is dropped. Blank lines are skipped unless ``keep_blank`` (convert_imageset keeps
+    them so that record numbers in keys match Caffe's; the ImageData layer would fail on them).
     """
     try:
         text = path.read_text()
     except OSError as e:
         raise CaffeportError(f"cannot read image list '{path}': {e.strerror}") from None
+    raw_lines = text.split("\n")
+    if raw_lines and raw_lines[-1] == "":
+        raw_lines.pop()  # the newline ending the last line (getline yields no extra line)
     lines: list[tuple[str, int]] = []
-    for raw in text.split("\n"):
+    for raw in raw_lines:
         line = raw.rstrip("\r")
-        if not line.strip():
+        if not line.strip() and not keep_blank:
             continue
         pos = line.rfind(" ")
         if pos < 0:
@@ -175,7 +179,14 @@ class DatumBatches:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+            self._pool = None
         self.reader.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 class ImageListBatches:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,12 @@ def _check_lmdb_dir(path: Path, where: str | None) -> None:
         raise CaffeportError(f"{_where(where)}'{path}' is not an LMDB (expected a folder holding data.mdb)")
 
 
+# py-lmdb refuses to open one environment twice in a process (e.g. a TRAIN and a TEST net reading
+# the same LMDB), so read-only environments are shared by path, with a reference count.
+_ENVS: dict[str, list[Any]] = {}
+_ENV_LOCK = threading.Lock()
+
+
 class LMDBReader:
     """Read-only view of an LMDB: ``len()``, ``iter`` (key, value) in key order, and a wrapping cursor.
 
@@ -182,12 +189,21 @@ class LMDBReader:
         self.path = Path(path)
         self.where = where
         _check_lmdb_dir(self.path, where)
-        try:
-            self.env = lmdb.open(
-                str(self.path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512
-            )
-        except lmdb.Error as e:
-            raise CaffeportError(f"{_where(where)}cannot open LMDB '{self.path}': {e}") from None
+        self._key = os.path.realpath(self.path)
+        with _ENV_LOCK:
+            entry = _ENVS.get(self._key)
+            if entry is None:
+                try:
+                    env = lmdb.open(
+                        str(self.path), readonly=True, lock=False, readahead=False, meminit=False,
+                        max_readers=512,
+                    )
+                except lmdb.Error as e:
+                    raise CaffeportError(f"{_where(where)}cannot open LMDB '{self.path}': {e}") from None
+                entry = _ENVS[self._key] = [env, 0]
+            entry[1] += 1
+            self.env = entry[0]
+        self._closed = False
         self._txn: Any = None
         self._cursor: Any = None
 
@@ -229,7 +245,16 @@ class LMDBReader:
             except Exception:
                 pass
         self._txn = self._cursor = None
-        self.env.close()
+        if self._closed:
+            return
+        self._closed = True
+        with _ENV_LOCK:
+            entry = _ENVS.get(self._key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _ENVS[self._key]
+                    entry[0].close()
 
     def __enter__(self) -> LMDBReader:
         return self
