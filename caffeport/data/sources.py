@@ -156,15 +156,18 @@ class DatumBatches:
     def next_batch(self) -> tuple[np.ndarray, ...]:
         n = self.batch_size
         values = [self.reader.next_record()[1] for _ in range(n)]
-        if self.decode_workers > 1 and n > 1 and parse_datum(values[0], self.where).encoded:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="caffeport-decode")
+        use_pool = self.decode_workers > 1 and n > 1
+        if use_pool and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="caffeport-decode")
+        if use_pool and parse_datum(values[0], self.where).encoded:
+            assert self._pool is not None
             decoded = list(self._pool.map(self._decode, values))
         else:
             decoded = [self._decode(v) for v in values]
         shape0 = self.tf.output_shape(*decoded[0][0].shape)
         data = np.empty((n, *shape0), dtype=np.float32)
         labels = np.empty((n,), dtype=np.float32)
+        choices = []
         for i, (img, label) in enumerate(decoded):
             if self.tf.output_shape(*img.shape) != shape0:
                 raise CaffeportError(
@@ -172,8 +175,15 @@ class DatumBatches:
                     f"first record {decoded[0][0].shape}; Caffe needs equal sizes within a batch "
                     "(resize the images, or use batch_size 1)"
                 )
-            self.tf.transform(img, out=data[i])
+            self.tf.check(*img.shape)
+            choices.append(self.tf.draw(*img.shape[1:]))  # random draws stay in record order
             labels[i] = label
+        if use_pool:
+            assert self._pool is not None
+            list(self._pool.map(lambda i: self.tf.apply(decoded[i][0], choices[i], data[i]), range(n)))
+        else:
+            for i in range(n):
+                self.tf.apply(decoded[i][0], choices[i], data[i])
         return (data, labels) if self.with_label else (data,)
 
     def close(self) -> None:
