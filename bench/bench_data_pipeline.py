@@ -56,8 +56,10 @@ def main() -> None:
                 layer.forward()
             dt = time.perf_counter() - t0
             layer.close()
-            print(f"data pipeline ({label}): {N_BATCHES * BATCH / dt:8.0f} images/s  "
-                  f"(256x256 raw -> crop 227 + mirror + mean_file, batch {BATCH})")
+            print(
+                f"data pipeline ({label}): {N_BATCHES * BATCH / dt:8.0f} images/s  "
+                f"(256x256 raw -> crop 227 + mirror + mean_file, batch {BATCH})"
+            )
 
 
 if __name__ == "__main__":
