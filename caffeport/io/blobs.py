@@ -321,7 +321,7 @@ def _enc_len(fn: int, payload_len: int) -> bytes:
 
 def _blob_body(arr: np.ndarray, legacy: bool = False) -> tuple[bytes, bytes]:
     """A BlobProto's bytes as (header fields, packed float32 data field payload)."""
-    a = np.ascontiguousarray(arr, dtype="<f4")
+    a = np.asarray(arr, dtype="<f4")  # (ascontiguousarray would turn a 0-d blob into 1-d)
     head = bytearray()
     if legacy:
         if a.ndim > 4:
@@ -333,7 +333,7 @@ def _blob_body(arr: np.ndarray, legacy: bool = False) -> tuple[bytes, bytes]:
         dims_payload = b"".join(_enc_varint(int(d)) for d in a.shape)
         shape_msg = _enc_len(1, len(dims_payload)) + dims_payload if a.ndim else b""
         head += _enc_len(7, len(shape_msg)) + shape_msg
-    data = a.tobytes()
+    data = a.tobytes(order="C")
     if data:
         head += _enc_len(5, len(data))
     return bytes(head), data

@@ -50,6 +50,20 @@ def _open(path: PathLike, what: str):
         raise CaffeportError(f"{path}: cannot read as HDF5 {what} (truncated or corrupt?): {e}") from None
 
 
+def _layer_groups(data, prefix: str = ""):
+    """(layer name, group) pairs. A layer name containing '/' (``inception_3a/1x1``) is stored by
+    HDF5 as nested groups; a group holding only groups is walked into and the names re-joined."""
+    h5py = _h5py()
+    for name, g in data.items():
+        if not isinstance(g, h5py.Group):
+            continue
+        subgroups = [k for k, v in g.items() if isinstance(v, h5py.Group)]
+        if subgroups and len(subgroups) == len(g):
+            yield from _layer_groups(g, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", g
+
+
 def _indexed(group) -> list[np.ndarray]:
     keys = list(group.keys())
     try:
@@ -85,7 +99,7 @@ def read_caffemodel_h5(path: PathLike) -> OrderedDict[str, list[np.ndarray]]:
             raise CaffeportError(f"{path}: HDF5 file has no 'data' group, not a Caffe .caffemodel.h5")
         out: OrderedDict[str, list[np.ndarray]] = OrderedDict()
         try:
-            for name, g in f["data"].items():
+            for name, g in _layer_groups(f["data"]):
                 blobs = _indexed(g)
                 if blobs:
                     out[name] = blobs
@@ -103,7 +117,7 @@ def read_caffemodel_h5_net(path: PathLike) -> caffe_pb2.NetParameter:
     with _open(path, "caffemodel") as f:
         if "data" not in f:
             raise CaffeportError(f"{path}: HDF5 file has no 'data' group, not a Caffe .caffemodel.h5")
-        for name, g in f["data"].items():
+        for name, g in _layer_groups(f["data"]):
             lp = net.layer.add(name=name)
             for arr in _indexed(g):
                 lp.blobs.add().CopyFrom(array_to_blobproto(arr))

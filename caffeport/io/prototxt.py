@@ -188,7 +188,7 @@ def _block_span(text: str, start: int) -> int | None:
 
 
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')
-_NO_ENUM = re.compile(r'Enum type "([\w.]+)" has no value named (\w+) for field (\w+)')
+_NO_ENUM = re.compile(r'Enum type "([\w.]+)" has no value named (\w+)')
 _NO_ENUM_NUM = re.compile(r'Enum type "([\w.]+)" has no value with number (-?\d+) for field (\w+)')
 
 
@@ -416,3 +416,29 @@ def write_solver(msg: caffe_pb2.SolverParameter, path: PathLike) -> None:
         _atomic_write(path, text_format.MessageToString(msg).encode("utf-8"))
     else:
         _atomic_write(path, msg.SerializeToString())
+
+
+_NET_FIELDS = set(caffe_pb2.NetParameter.DESCRIPTOR.fields_by_name)
+_SOLVER_FIELDS = set(caffe_pb2.SolverParameter.DESCRIPTOR.fields_by_name)
+
+
+def sniff_text_kind(text: str) -> str:
+    """'net', 'solver' or 'labelmap' from the top-level field names of a text proto."""
+    depth = 0
+    names: set[str] = set()
+    prev_id = None
+    for kind, val, _ in _tokens(text):
+        if val in "{<":
+            depth += 1
+        elif val in "}>":
+            depth -= 1
+        elif kind == "id" and depth == 0 and prev_id is None:
+            names.add(val)
+        prev_id = val if (kind == "id" and depth == 0 and prev_id is None) else None
+        if val == ":" or val in "{<":
+            prev_id = None
+    if names & (_SOLVER_FIELDS - _NET_FIELDS):
+        return "solver"
+    if "item" in names and not names & _NET_FIELDS:
+        return "labelmap"
+    return "net"
