@@ -73,7 +73,7 @@ def away_from(x: torch.Tensor, points: list[float], margin: float = 0.05) -> tor
 
 
 def randn(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 # --- finite-difference checks on configurations the goldens do not cover -----------------------
