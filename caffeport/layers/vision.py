@@ -137,7 +137,7 @@ class _ConvBase(Layer):
             out.append((*s[: self.axis], self.num_output, *self.out_spatial(s[self.axis + 1:])))
         return out
 
-    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_one(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[: self.axis]
         if self.axis != 1:
             x = x.reshape(-1, *x.shape[self.axis:])
@@ -148,7 +148,7 @@ class _ConvBase(Layer):
         return y
 
     def forward(self, *bottoms: torch.Tensor):
-        outs = tuple(self._apply(b) for b in bottoms)
+        outs = tuple(self._conv_one(b) for b in bottoms)
         return outs[0] if len(outs) == 1 else outs
 
 
