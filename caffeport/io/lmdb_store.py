@@ -176,7 +176,8 @@ _ENV_LOCK = threading.Lock()
 
 
 class LMDBReader:
-    """Read-only view of an LMDB: ``len()``, ``iter`` (key, value) in key order, and a wrapping cursor.
+    """Read-only view of an LMDB: ``len()``, ``iter`` → (key, Datum) in key order, ``items()`` → (key,
+    serialized bytes), and a wrapping cursor.
 
     ``next_record()`` returns the next (key, value) and wraps around to the first record after the
     last one, like Caffe's DataLayer cursor. ``where`` (e.g. "net.prototxt: layer 'data'") prefixes
@@ -210,10 +211,16 @@ class LMDBReader:
     def __len__(self) -> int:
         return int(self.env.stat()["entries"])
 
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """(key, serialized value) for every record, in key order (independent of the cursor)."""
         with self.env.begin(buffers=False) as txn:
             for k, v in txn.cursor():
                 yield bytes(k), bytes(v)
+
+    def __iter__(self) -> Iterator[tuple[bytes, caffe_pb2.Datum]]:
+        """(key, Datum) for every record, in key order."""
+        for k, v in self.items():
+            yield k, parse_datum(v, f"{_where(self.where)}'{self.path}' record {k!r}".rstrip(": "))
 
     def _ensure_cursor(self) -> None:
         if self._cursor is None:
@@ -374,8 +381,12 @@ class LevelDBReader:
     def __len__(self) -> int:
         return sum(1 for _ in self.db.iterator(include_value=False))
 
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
         yield from self.db.iterator()
+
+    def __iter__(self) -> Iterator[tuple[bytes, caffe_pb2.Datum]]:
+        for k, v in self.items():
+            yield k, parse_datum(v, f"'{self.path}' record {k!r}")
 
     def _advance(self) -> None:
         assert self._it is not None

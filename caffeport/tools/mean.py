@@ -46,7 +46,7 @@ def compute_image_mean(
     total: np.ndarray | None = None
     count = 0
     try:
-        for key, value in reader:
+        for key, value in reader.items():
             d = parse_datum(value, f"{where} record {key!r}")
             arr = datum_to_array(d, where=f"{where} record {key!r}")
             if total is None:

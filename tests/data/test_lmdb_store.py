@@ -32,6 +32,14 @@ def test_raw_datum_bytes_match_caffe_layout() -> None:
     np.testing.assert_array_equal(back, arr)
 
 
+def test_reader_iterates_datums_in_key_order(tmp_path: Path) -> None:
+    with LMDBWriter(tmp_path / "db") as w:
+        for key, lab in (("b", 2), ("a", 1), ("c", 3)):  # inserted out of order
+            w.put(key, array_to_datum(np.zeros((1, 1, 1), np.uint8), lab).SerializeToString())
+    with LMDBReader(tmp_path / "db") as r:
+        assert [(k, d.label) for k, d in r] == [(b"a", 1), (b"b", 2), (b"c", 3)]
+
+
 def test_float_datum_and_size_checks() -> None:
     arr = np.array([[[1.5, -2.0]]], np.float32)
     d = array_to_datum(arr)
@@ -73,6 +81,7 @@ def test_writer_reader_roundtrip_wraps_and_grows(tmp_path: Path) -> None:
     env.close()
     r = LMDBReader(db)
     assert len(r) == 8
+    assert [k for k, _ in r.items()] == [f"{i:08d}".encode() for i in range(8)]
     keys = [r.next_record()[0] for _ in range(10)]
     assert keys == [f"{i:08d}".encode() for i in list(range(8)) + [0, 1]]
     r.close()
