@@ -25,6 +25,13 @@ def _canon(layer: Layer, axis: int, ndim: int, what: str = "axis") -> int:
     return axis + ndim if axis < 0 else axis
 
 
+def _no_in_place(layer: Layer) -> None:
+    """Caffe CHECKs that these layers' tops are not their bottom (in-place is an error)."""
+    clash = set(layer.param.top) & set(layer.param.bottom)
+    if clash:
+        raise layer.error(f"does not allow in-place computation (top '{sorted(clash)[0]}' is also a bottom)")
+
+
 def _count(shape: Shape, start: int = 0, end: int | None = None) -> int:
     return math.prod(shape[start:end])
 
@@ -464,6 +471,7 @@ class Flatten(Layer):
     min_tops = max_tops = 1
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
+        _no_in_place(self)
         self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
@@ -639,6 +647,7 @@ class Reshape(Layer):
     min_tops = max_tops = 1
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
+        _no_in_place(self)
         dims = list(blob_shape(self.param.reshape_param.shape))
         if sum(d == -1 for d in dims) > 1:
             raise self.error("reshape_param.shape has more than one -1 (only one dimension can be inferred)")
@@ -771,6 +780,9 @@ class Split(Layer):
     diff is their sum."""
 
     min_bottoms = max_bottoms = 1
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        _no_in_place(self)
 
     def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
         return [bottom_shapes[0]] * len(self.param.top)

@@ -30,7 +30,12 @@ class _Neuron(Layer):
 
 @register("AbsVal")
 class AbsVal(_Neuron):
-    """``|x|``; backward uses ``sign(x)`` with ``sign(0) = 0`` (as torch.abs)."""
+    """``|x|``; backward uses ``sign(x)`` with ``sign(0) = 0`` (as torch.abs). Caffe refuses to run it
+    in place (its backward needs the input)."""
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        if set(self.param.top) & set(self.param.bottom):
+            raise self.error("does not allow in-place computation (top == bottom)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.abs(x)

@@ -372,3 +372,13 @@ def test_inner_product_blob_shapes_and_value() -> None:
 def test_invalid_params(text: str, shapes: list[tuple[int, ...]], n_top: int) -> None:
     with pytest.raises(CaffeportError):
         build(text, shapes, n_top=n_top)
+
+
+@pytest.mark.parametrize("text", [
+    'type: "Flatten" bottom: "x" top: "x"',
+    'type: "Reshape" bottom: "x" top: "x" reshape_param { shape { dim: -1 } }',
+    'type: "Split" bottom: "x" top: "y" top: "x"',
+])
+def test_in_place_refused_like_caffe(text: str) -> None:
+    with pytest.raises(CaffeportError, match="in-place"):
+        build(text, [(2, 3)])

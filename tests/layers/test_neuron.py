@@ -246,3 +246,9 @@ def test_invalid_params(text: str, shape: tuple[int, ...]) -> None:
 def test_neuron_needs_one_bottom() -> None:
     with pytest.raises(CaffeportError, match="bottom"):
         build('type: "ReLU"', [(2,), (2,)])
+
+
+def test_absval_refuses_in_place() -> None:
+    with pytest.raises(CaffeportError, match="in-place"):
+        build('type: "AbsVal" bottom: "x" top: "x"', [(2, 3)])
+    build('type: "ReLU" bottom: "x" top: "x"', [(2, 3)])  # other neurons may run in place
