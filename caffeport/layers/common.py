@@ -139,17 +139,17 @@ class BatchNorm(Layer):
             factor = torch.where(sf == 0, torch.zeros_like(sf), 1.0 / sf)
             mean = self.blobs[0].detach() * factor
             var = self.blobs[1].detach() * factor
-            centered = xr - mean.view(1, c, 1)
-        else:
-            mean = xr.mean(dim=(0, 2))
-            centered = xr - mean.view(1, c, 1)
-            var = (centered * centered).mean(dim=(0, 2))
-            m = x.numel() // c
-            corr = m / (m - 1) if m > 1 else 1.0
-            with torch.no_grad():
-                self.blobs[2].mul_(self.maf).add_(1.0)
-                self.blobs[0].mul_(self.maf).add_(mean.detach())
-                self.blobs[1].mul_(self.maf).add_(var.detach() * corr)
+            # One fused pass (x - mean) * rsqrt(var + eps); backward dy / sqrt(var + eps) as Caffe's.
+            return F.batch_norm(xr, mean, var, None, None, False, 0.0, self.eps).reshape(x.shape)
+        mean = xr.mean(dim=(0, 2))
+        centered = xr - mean.view(1, c, 1)
+        var = (centered * centered).mean(dim=(0, 2))
+        m = x.numel() // c
+        corr = m / (m - 1) if m > 1 else 1.0
+        with torch.no_grad():
+            self.blobs[2].mul_(self.maf).add_(1.0)
+            self.blobs[0].mul_(self.maf).add_(mean.detach())
+            self.blobs[1].mul_(self.maf).add_(var.detach() * corr)
         std = torch.sqrt(var + self.eps)
         return (centered / std.view(1, c, 1)).reshape(x.shape)
 
@@ -261,10 +261,9 @@ class Scale(Layer):
     def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         s = rest[0] if rest else self.blobs[0]
         view = self._view(tuple(x.shape), tuple(s.shape))
-        y = x * s.reshape(view)
         if self.bias_term:
-            y = y + self.blobs[-1].reshape(view)
-        return y
+            return torch.addcmul(self.blobs[-1].reshape(view), x, s.reshape(view))  # one pass: b + x * s
+        return x * s.reshape(view)
 
 
 # ---------------------------------------------------------------------------------------------
