@@ -55,8 +55,27 @@ def f32(x: float) -> float:
     return float(np.float32(x))
 
 
+def _groups(values: Sequence[float]) -> dict[float, list[int]]:
+    """Indices grouped by equal scalar (per-parameter rates/decays take few distinct values), so
+    that ``_foreach_add_(..., alpha=v)`` can run per group without temporaries."""
+    out: dict[float, list[int]] = {}
+    for i, v in enumerate(values):
+        out.setdefault(float(v), []).append(i)
+    return out
+
+
+def _axpy(ys: Tensors, xs: Tensors, alphas: Sequence[float]) -> None:
+    """``y += alpha_i * x`` for every pair, in place, without temporaries."""
+    for a, idx in _groups(alphas).items():
+        if a != 0:
+            torch._foreach_add_([ys[i] for i in idx], [xs[i] for i in idx], alpha=a)
+
+
 class UpdateRule:
-    """Base of the update rules: reads its hyper-parameters from the SolverParameter."""
+    """Base of the update rules: reads its hyper-parameters from the SolverParameter.
+
+    Like Caffe's ``update_``/``temp_`` blobs, scratch tensors are allocated once and reused.
+    """
 
     name = "SGD"
     history_sets = 1  # AdaDelta and Adam keep two blobs per parameter
@@ -69,10 +88,22 @@ class UpdateRule:
         self.momentum2 = f32(param.momentum2)
         self.delta = f32(param.delta)
         self.rms_decay = f32(param.rms_decay)
+        self._bufs: dict[tuple[int, int], torch.Tensor] = {}
         self.check()
 
     def check(self) -> None:
         """Caffe's constructor sanity checks."""
+
+    def scratch(self, like: Tensors, slot: int = 0) -> Tensors:
+        """Reusable scratch tensors shaped like ``like`` (contents undefined)."""
+        out = []
+        for i, t in enumerate(like):
+            b = self._bufs.get((slot, i))
+            if b is None or b.shape != t.shape or b.device != t.device or b.dtype != t.dtype:
+                b = torch.empty_like(t)
+                self._bufs[(slot, i)] = b
+            out.append(b)
+        return out
 
     def compute(self, diffs: Tensors, history: list[Tensors], rates: Sequence[float],
                 it: int) -> None:
@@ -88,7 +119,7 @@ class SGDRule(UpdateRule):
     def compute(self, diffs: Tensors, history: list[Tensors], rates: Sequence[float], it: int) -> None:
         h = history[0]
         torch._foreach_mul_(h, self.momentum)
-        torch._foreach_add_(h, torch._foreach_mul(diffs, list(rates)))
+        _axpy(h, diffs, rates)
         torch._foreach_copy_(diffs, h)
 
 
@@ -99,12 +130,23 @@ class NesterovRule(UpdateRule):
 
     def compute(self, diffs: Tensors, history: list[Tensors], rates: Sequence[float], it: int) -> None:
         h = history[0]
-        old = torch._foreach_mul(h, -self.momentum)
+        old = self.scratch(h)
+        torch._foreach_copy_(old, h)
         torch._foreach_mul_(h, self.momentum)
-        torch._foreach_add_(h, torch._foreach_mul(diffs, list(rates)))
+        _axpy(h, diffs, rates)
         torch._foreach_copy_(diffs, h)
         torch._foreach_mul_(diffs, f32(1.0 + self.momentum))
-        torch._foreach_add_(diffs, old)
+        torch._foreach_add_(diffs, old, alpha=-self.momentum)
+
+
+def _scaled_by_rms(rule: UpdateRule, diffs: Tensors, h: Tensors, rates: Sequence[float]) -> None:
+    """``diff = rate * diff / (sqrt(h) + delta)`` (AdaGrad, RMSProp)."""
+    den = rule.scratch(h)
+    torch._foreach_copy_(den, h)
+    torch._foreach_sqrt_(den)
+    torch._foreach_add_(den, rule.delta)
+    torch._foreach_div_(diffs, den)
+    torch._foreach_mul_(diffs, list(rates))
 
 
 class AdaGradRule(UpdateRule):
@@ -120,11 +162,8 @@ class AdaGradRule(UpdateRule):
 
     def compute(self, diffs: Tensors, history: list[Tensors], rates: Sequence[float], it: int) -> None:
         h = history[0]
-        torch._foreach_add_(h, torch._foreach_mul(diffs, diffs))
-        den = torch._foreach_sqrt(h)
-        torch._foreach_add_(den, self.delta)
-        torch._foreach_div_(diffs, den)
-        torch._foreach_mul_(diffs, list(rates))
+        torch._foreach_addcmul_(h, diffs, diffs)
+        _scaled_by_rms(self, diffs, h, rates)
 
 
 class RMSPropRule(UpdateRule):
@@ -142,13 +181,9 @@ class RMSPropRule(UpdateRule):
 
     def compute(self, diffs: Tensors, history: list[Tensors], rates: Sequence[float], it: int) -> None:
         h = history[0]
-        sq = torch._foreach_mul(diffs, diffs)
         torch._foreach_mul_(h, self.rms_decay)
-        torch._foreach_add_(h, sq, alpha=f32(1.0 - self.rms_decay))
-        den = torch._foreach_sqrt(h)
-        torch._foreach_add_(den, self.delta)
-        torch._foreach_div_(diffs, den)
-        torch._foreach_mul_(diffs, list(rates))
+        torch._foreach_addcmul_(h, diffs, diffs, value=f32(1.0 - self.rms_decay))
+        _scaled_by_rms(self, diffs, h, rates)
 
 
 class AdaDeltaRule(UpdateRule):
@@ -163,17 +198,19 @@ class AdaDeltaRule(UpdateRule):
         hg, hu = history
         m = self.momentum
         one_m = f32(1.0 - m)
-        sq = torch._foreach_mul(diffs, diffs)
         torch._foreach_mul_(hg, m)
-        torch._foreach_add_(hg, sq, alpha=one_m)
-        num = torch._foreach_add(hu, self.delta)
-        den = torch._foreach_add(hg, self.delta)
+        torch._foreach_addcmul_(hg, diffs, diffs, value=one_m)
+        num = self.scratch(hu, 0)
+        den = self.scratch(hg, 1)
+        torch._foreach_copy_(num, hu)
+        torch._foreach_add_(num, self.delta)
+        torch._foreach_copy_(den, hg)
+        torch._foreach_add_(den, self.delta)
         torch._foreach_div_(num, den)
         torch._foreach_sqrt_(num)
         torch._foreach_mul_(diffs, num)
-        sq = torch._foreach_mul(diffs, diffs)
         torch._foreach_mul_(hu, m)
-        torch._foreach_add_(hu, sq, alpha=one_m)
+        torch._foreach_addcmul_(hu, diffs, diffs, value=one_m)
         torch._foreach_mul_(diffs, list(rates))
 
 
@@ -190,16 +227,17 @@ class AdamRule(UpdateRule):
         b1, b2 = self.momentum, self.momentum2
         t = it + 1
         correction = f32(math.sqrt(1.0 - math.pow(b2, t)) / (1.0 - math.pow(b1, t)))
-        sq = torch._foreach_mul(diffs, diffs)
         torch._foreach_mul_(mm, b1)
         torch._foreach_add_(mm, diffs, alpha=f32(1.0 - b1))
         torch._foreach_mul_(vv, b2)
-        torch._foreach_add_(vv, sq, alpha=f32(1.0 - b2))
-        den = torch._foreach_sqrt(vv)
+        torch._foreach_addcmul_(vv, diffs, diffs, value=f32(1.0 - b2))
+        den = self.scratch(vv)
+        torch._foreach_copy_(den, vv)
+        torch._foreach_sqrt_(den)
         torch._foreach_add_(den, self.delta)
-        upd = torch._foreach_div(mm, den)
-        torch._foreach_mul_(upd, [f32(r * correction) for r in rates])
-        torch._foreach_copy_(diffs, upd)
+        torch._foreach_copy_(diffs, mm)
+        torch._foreach_div_(diffs, den)
+        torch._foreach_mul_(diffs, [f32(r * correction) for r in rates])
 
 
 RULES: dict[str, type[UpdateRule]] = {
@@ -239,8 +277,8 @@ def regularize(diffs: Tensors, weights: Tensors, decays: Sequence[float], kind: 
     ws = [weights[i] for i in idx]
     dec = [decays[i] for i in idx]
     if kind == "L2":
-        torch._foreach_add_(ds, torch._foreach_mul(ws, dec))
+        _axpy(ds, ws, dec)
     elif kind == "L1":
-        torch._foreach_add_(ds, torch._foreach_mul(torch._foreach_sign(ws), dec))
+        _axpy(ds, torch._foreach_sign(ws), dec)
     else:
         raise CaffeportError(f"{source}: unknown regularization_type \"{kind}\" (Caffe knows L2 and L1)")

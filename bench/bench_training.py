@@ -1,0 +1,141 @@
+"""Training throughput: caffeport's Solver on CaffeNet vs a hand-written PyTorch CaffeNet.
+
+Both train ``bvlc_reference_caffenet`` (batch 32, 3x227x227, LRN, grouped convs, dropout) on the
+same synthetic batch with SGD (momentum 0.9, weight decay 5e-4), in the same process: caffeport
+through ``get_solver`` on a ``net_param`` with Input layers, PyTorch with ``torch.optim.SGD``.
+Prints iterations/s for each and the ratio (caffeport / PyTorch; 1.0 = no overhead). A few
+iterations only (``--iterations``), after one warm-up iteration each. No asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from google.protobuf import text_format
+from torch import nn
+
+from caffeport.proto import caffe_pb2
+from caffeport.solver import get_solver
+
+
+def _conv(name: str, bottom: str, n: int, k: int, s: int = 1, p: int = 0, g: int = 1, bias: float = 0.0) -> str:
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+            f'param {{ lr_mult: 1 decay_mult: 1 }} param {{ lr_mult: 2 decay_mult: 0 }} '
+            f'convolution_param {{ num_output: {n} kernel_size: {k} stride: {s} pad: {p} group: {g} '
+            f'weight_filler {{ type: "gaussian" std: 0.01 }} bias_filler {{ type: "constant" value: {bias} }} }} }}\n'
+            f'layer {{ name: "relu_{name}" type: "ReLU" bottom: "{name}" top: "{name}" }}\n')
+
+
+def _pool(name: str, bottom: str) -> str:
+    return (f'layer {{ name: "{name}" type: "Pooling" bottom: "{bottom}" top: "{name}" '
+            f'pooling_param {{ pool: MAX kernel_size: 3 stride: 2 }} }}\n')
+
+
+def _lrn(name: str, bottom: str) -> str:
+    return (f'layer {{ name: "{name}" type: "LRN" bottom: "{bottom}" top: "{name}" '
+            f'lrn_param {{ local_size: 5 alpha: 0.0001 beta: 0.75 }} }}\n')
+
+
+def _fc(name: str, bottom: str, n: int, std: float, bias: float, relu_drop: bool) -> str:
+    s = (f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{name}" '
+         f'param {{ lr_mult: 1 decay_mult: 1 }} param {{ lr_mult: 2 decay_mult: 0 }} '
+         f'inner_product_param {{ num_output: {n} weight_filler {{ type: "gaussian" std: {std} }} '
+         f'bias_filler {{ type: "constant" value: {bias} }} }} }}\n')
+    if relu_drop:
+        s += (f'layer {{ name: "relu_{name}" type: "ReLU" bottom: "{name}" top: "{name}" }}\n'
+              f'layer {{ name: "drop_{name}" type: "Dropout" bottom: "{name}" top: "{name}" '
+              f'dropout_param {{ dropout_ratio: 0.5 }} }}\n')
+    return s
+
+
+def caffenet_prototxt(batch: int) -> str:
+    return (
+        'name: "CaffeNet"\n'
+        f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: {batch} dim: 3 dim: 227 '
+        'dim: 227 } } }\n'
+        f'layer {{ name: "label" type: "Input" top: "label" input_param {{ shape {{ dim: {batch} }} }} }}\n'
+        + _conv("conv1", "data", 96, 11, s=4) + _pool("pool1", "conv1") + _lrn("norm1", "pool1")
+        + _conv("conv2", "norm1", 256, 5, p=2, g=2, bias=1) + _pool("pool2", "conv2") + _lrn("norm2", "pool2")
+        + _conv("conv3", "norm2", 384, 3, p=1) + _conv("conv4", "conv3", 384, 3, p=1, g=2, bias=1)
+        + _conv("conv5", "conv4", 256, 3, p=1, g=2, bias=1) + _pool("pool5", "conv5")
+        + _fc("fc6", "pool5", 4096, 0.005, 1, True) + _fc("fc7", "fc6", 4096, 0.005, 1, True)
+        + _fc("fc8", "fc7", 1000, 0.01, 0, False)
+        + 'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc8" bottom: "label" top: "loss" }\n'
+    )
+
+
+class TorchCaffeNet(nn.Module):
+    """CaffeNet by hand: ceil-mode pooling and LRN as Caffe's ACROSS_CHANNELS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, 11, 4), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True), nn.LocalResponseNorm(5, 1e-4, 0.75),
+            nn.Conv2d(96, 256, 5, 1, 2, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.LocalResponseNorm(5, 1e-4, 0.75),
+            nn.Conv2d(256, 384, 3, 1, 1), nn.ReLU(), nn.Conv2d(384, 384, 3, 1, 1, groups=2), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, 1, 1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(9216, 4096), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(),
+            nn.Dropout(0.5), nn.Linear(4096, 1000),
+        )
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _time(fn, iters: int) -> float:  # type: ignore[no-untyped-def]
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return iters / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args(argv or [])
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, 3, 227, 227)).astype(np.float32)
+    y = rng.integers(0, 1000, size=args.batch).astype(np.float32)
+
+    param = caffe_pb2.SolverParameter(base_lr=0.01, momentum=0.9, weight_decay=5e-4, lr_policy="fixed",
+                                      max_iter=10**6, display=0, snapshot=0, snapshot_after_train=False)
+    text_format.Parse(caffenet_prototxt(args.batch), param.net_param)
+    solver = get_solver(param)
+    solver.net.blobs["data"].data[...] = x
+    solver.net.blobs["label"].data[...] = y
+    ours = _time(lambda: solver.step(1), args.iterations)
+
+    model = TorchCaffeNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+
+    def torch_step() -> None:
+        opt.zero_grad(set_to_none=False)
+        loss = nn.functional.cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+
+    ref = _time(torch_step, args.iterations)
+    print(f"CaffeNet training, batch {args.batch}, {args.iterations} iterations, {torch.get_num_threads()} threads")
+    print(f"  caffeport Solver (SGD):        {ours:.3f} iter/s")
+    print(f"  hand-written PyTorch + SGD:    {ref:.3f} iter/s")
+    print(f"  ratio caffeport / PyTorch:     {ours / ref:.2f}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
