@@ -166,6 +166,8 @@ class Solver:
         if p.lr_policy == "":
             raise CaffeportError(f"{self.source}: lr_policy is not set (Caffe has no default; "
                                  "e.g. lr_policy: \"fixed\")")
+        if p.snapshot > 0:
+            self._check_snapshot_prefix()
         self.device = self._pick_device(device)
         if p.random_seed >= 0:
             torch.manual_seed(int(p.random_seed))
@@ -594,12 +596,7 @@ class Solver:
         p = self.param
         hdf5 = p.snapshot_format == caffe_pb2.SolverParameter.HDF5
         prefix = p.snapshot_prefix
-        if not prefix:
-            raise CaffeportError(f"{self.source}: snapshot_prefix is not set")
-        parent = Path(prefix).parent
-        if str(parent) and not parent.is_dir():
-            raise CaffeportError(f"{self.source}: cannot write to snapshot prefix '{prefix}': make sure that the "
-                                 "directory exists and is writeable")
+        self._check_snapshot_prefix()
         if hdf5:
             model = snap.snapshot_filename(prefix, self.iter, ".caffemodel.h5")
             self.log.info(f"Snapshotting to HDF5 file {model}", "snapshot_model_h5")
@@ -615,6 +612,14 @@ class Solver:
             self.log.info(f"Snapshotting solver state to binary proto file {state}", "snapshot_state")
         snap.write_state(state, self.iter, self.current_step, model, self._history_flat())
         return model, state
+
+    def _check_snapshot_prefix(self) -> None:
+        """Caffe's ``CheckSnapshotWritePermissions``: the prefix's folder must exist and be writable."""
+        prefix = self.param.snapshot_prefix
+        parent = Path(prefix).parent if prefix else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise CaffeportError(f"{self.source}: cannot write to snapshot prefix '{prefix}': make sure that the "
+                                 f"directory {parent} exists and is writeable")
 
     def restore(self, state_file: PathLike) -> None:
         """Resume from a ``.solverstate`` (or ``.solverstate.h5``): weights from its ``learned_net``,

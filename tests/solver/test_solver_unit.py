@@ -185,3 +185,47 @@ def test_log_lines_parse_like_caffe(tmp_path: Path) -> None:
     assert [float(line.split()[8]) for line in lr_lines] == [0.1, 0.1]  # awk '{print $9}'
     final = [m for m in msgs if re.fullmatch(r"Iteration 4, loss = [\d.e+-]+", m)]
     assert len(final) == 1
+
+
+def test_frozen_blob_with_decay_keeps_adam_history_like_caffe(tmp_path: Path) -> None:
+    """A frozen (lr_mult 0) blob with decay_mult 1 is not moved, but Caffe's Adam still feeds
+    weight_decay * w into its moments: m_k = (1 - b1^k) wd w, v_k = (1 - b2^k) (wd w)^2."""
+    net = (Path(__file__).parent / "_tiny.py").read_text()  # reuse the net text with the bias frozen
+    net_text = re.search(r'NET = """(.*?)"""', net, re.S).group(1).replace(
+        "param { lr_mult: 2 decay_mult: 0 }", "param { lr_mult: 0 decay_mult: 1 }")
+    path = write_case(tmp_path, 'type: "Adam" base_lr: 0.01 momentum: 0.9 momentum2: 0.999 weight_decay: 0.1\n'
+                                'lr_policy: "fixed" max_iter: 5', net_text=net_text)
+    s = get_solver(path)
+    feed(s)
+    b0 = s.net.params["ip"][1].data.copy()
+    s.solve()
+    np.testing.assert_array_equal(s.net.params["ip"][1].data, b0)
+    st = read_solverstate(tmp_path / "snap_iter_5.solverstate")
+    g = 0.1 * b0.astype(np.float64)
+    np.testing.assert_allclose(st.history[1], (1 - 0.9**5) * g, rtol=1e-5)
+    np.testing.assert_allclose(st.history[3], (1 - 0.999**5) * g * g, rtol=1e-4)
+
+
+def test_test_states_select_layers(tmp_path: Path) -> None:
+    """Two test nets from the train net file, one per test_state; a stage-only layer is in one."""
+    from tests.solver._tiny import NET
+
+    net_text = NET + ('layer { name: "extra" type: "Power" bottom: "p" top: "p2" '
+                      'include { phase: TEST stage: "val" } }\n')
+    path = write_case(tmp_path, 'base_lr: 0.01 lr_policy: "fixed" max_iter: 1\ntest_iter: 1 test_iter: 1\n'
+                                'test_interval: 1\ntest_state { stage: "val" }\ntest_state { }', net_text=net_text)
+    s = get_solver(path)
+    assert len(s.test_nets) == 2
+    assert "extra" in s.test_nets[0].layer_dict and "extra" not in s.test_nets[1].layer_dict
+    assert "p2" in s.test_nets[0].outputs
+    # test nets share the train net's storage: an update is seen without copying
+    s.net.params["ip"][0].data[...] = 3.0
+    assert (s.test_nets[1].params["ip"][0].data == 3.0).all()
+
+
+def test_snapshot_prefix_folder_must_exist(tmp_path: Path) -> None:
+    path = write_case(tmp_path, 'base_lr: 0.01 lr_policy: "fixed" max_iter: 1 snapshot: 1')
+    text = path.read_text().replace(str(tmp_path / "snap"), str(tmp_path / "no" / "such" / "snap"))
+    path.write_text(text)
+    with pytest.raises(CaffeportError, match="snapshot prefix"):
+        get_solver(path)
