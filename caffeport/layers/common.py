@@ -471,13 +471,14 @@ class Flatten(Layer):
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         _no_in_place(self)
+        p = self.param.flatten_param
+        self._axis, self._end_axis = int(p.axis), int(p.end_axis)
         self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        p = self.param.flatten_param
         shape = bottom_shapes[0]
-        a = _canon(self, int(p.axis), len(shape), "flatten_param.axis")
-        e = _canon(self, int(p.end_axis), len(shape), "flatten_param.end_axis")
+        a = _canon(self, self._axis, len(shape), "flatten_param.axis")
+        e = _canon(self, self._end_axis, len(shape), "flatten_param.end_axis")
         return [tuple(shape[:a]) + (_count(shape, a, e + 1),) + tuple(shape[e + 1:])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -653,18 +654,19 @@ class Reshape(Layer):
         if any(d < -1 for d in dims):
             raise self.error(f"reshape_param.shape has an invalid dimension in {dims}")
         self.dims = dims
+        p = self.param.reshape_param
+        self._axis, self._num_axes = int(p.axis), int(p.num_axes)
+        if self._num_axes < -1:
+            raise self.error("reshape_param.num_axes must be >= 0, or -1 for all")
         self.top_shapes(bottom_shapes)
 
     def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        p = self.param.reshape_param
         shape = tuple(bottom_shapes[0])
         nd = len(shape)
-        start = int(p.axis) if p.axis >= 0 else nd + int(p.axis) + 1
+        start = self._axis if self._axis >= 0 else nd + self._axis + 1
         if not 0 <= start <= nd:
-            raise self.error(f"reshape_param.axis {p.axis} is out of range for a {nd}-axis bottom")
-        if p.num_axes < -1:
-            raise self.error("reshape_param.num_axes must be >= 0, or -1 for all")
-        end = nd if p.num_axes == -1 else start + int(p.num_axes)
+            raise self.error(f"reshape_param.axis {self._axis} is out of range for a {nd}-axis bottom")
+        end = nd if self._num_axes == -1 else start + self._num_axes
         if end > nd:
             raise self.error(f"reshape_param.axis + num_axes ({end}) exceeds the bottom's {nd} axes")
         new = []
@@ -689,7 +691,12 @@ class Reshape(Layer):
         return [tuple(out)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(self.top_shapes([tuple(x.shape)])[0])
+        # Validated by top_shapes at set-up; here 0 copies and torch infers the -1.
+        nd = x.dim()
+        start = self._axis if self._axis >= 0 else nd + self._axis + 1
+        end = nd if self._num_axes == -1 else start + self._num_axes
+        mid = [x.shape[start + i] if d == 0 else d for i, d in enumerate(self.dims)]
+        return x.reshape(list(x.shape[:start]) + mid + list(x.shape[end:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,13 +727,13 @@ class Slice(Layer):
         p = self.param.slice_param
         self.axis = _legacy_axis(self, p, "slice_dim", bottom_shapes[0])
         self.points = [int(s) for s in p.slice_point]
-        n_top = len(self.param.top)
+        self.n_top = n_top = len(self.param.top)
         if self.points and len(self.points) != n_top - 1:
             raise self.error(f"{len(self.points)} slice_point for {n_top} tops (need {n_top - 1})")
         self.top_shapes(bottom_shapes)
 
     def _sizes(self, dim: int) -> list[int]:
-        n_top = len(self.param.top)
+        n_top = self.n_top
         if not self.points:
             if dim % n_top:
                 raise self.error(f"axis {self.axis} of size {dim} cannot be split equally into {n_top} tops")
@@ -782,12 +789,13 @@ class Split(Layer):
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
         _no_in_place(self)
+        self.n_top = len(self.param.top)
 
     def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        return [bottom_shapes[0]] * len(self.param.top)
+        return [bottom_shapes[0]] * self.n_top
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(x.view_as(x) for _ in self.param.top)
+        return tuple(x.view_as(x) for _ in range(self.n_top))
 
 
 # ---------------------------------------------------------------------------------------------
