@@ -87,6 +87,11 @@ def _merged_state(phase: int, net_msg: caffe_pb2.NetParameter, extra: caffe_pb2.
     return int(st.phase), int(st.level), stages
 
 
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class SignalActions:
     """``caffe train``'s ``-sigint_effect`` / ``-sighup_effect``: signals are recorded and turned
     into a requested action (``stop``, ``snapshot`` or ``none``) checked between iterations."""
@@ -150,7 +155,9 @@ class Solver:
             p.train_state.level = int(level)
         if stages:
             p.train_state.stage.extend([s for s in stages if s])
-        self.log = log if log is not None else Glog()
+        self.rank = _rank()
+        # Data-parallel workers other than rank 0 neither log, test nor snapshot (Caffe's root_solver).
+        self.log = log if (log is not None and self.rank == 0) else Glog()
         rule_name = self.rule_name or (p.type or "SGD")
         if rule_name not in RULES:
             from caffeport.errors import nearest
@@ -513,8 +520,10 @@ class Solver:
 
     # --- testing -----------------------------------------------------------------------------------
     def test_all(self) -> list[dict[str, np.ndarray]]:
-        """Run every test net (Caffe's ``TestAll``); returns their mean outputs."""
-        results = []
+        """Run every test net (Caffe's ``TestAll``; rank 0 only); returns their mean outputs."""
+        results: list[dict[str, np.ndarray]] = []
+        if self.rank != 0:
+            return results
         for k in range(len(self.test_nets)):
             if self.requested_early_exit:
                 break
@@ -591,8 +600,8 @@ class Solver:
         return [h for hs in self.history for h in hs]
 
     def snapshot(self) -> tuple[str, str]:
-        """Write ``<prefix>_iter_<iter>.caffemodel`` + ``.solverstate`` (or the ``.h5`` pair);
-        returns their paths."""
+        """Write ``<prefix>_iter_<iter>.caffemodel`` + ``.solverstate`` (or the ``.h5`` pair; rank 0
+        only); returns their paths."""
         p = self.param
         hdf5 = p.snapshot_format == caffe_pb2.SolverParameter.HDF5
         prefix = p.snapshot_prefix
@@ -603,6 +612,8 @@ class Solver:
         else:
             model = snap.snapshot_filename(prefix, self.iter, ".caffemodel")
             self.log.info(f"Snapshotting to binary proto file {model}", "snapshot_model")
+        if self.rank != 0:
+            return model, snap.snapshot_filename(prefix, self.iter, ".solverstate.h5" if hdf5 else ".solverstate")
         snap.write_model(self.net, model, hdf5, with_diff=bool(p.snapshot_diff))
         if hdf5:
             state = snap.snapshot_filename(prefix, self.iter, ".solverstate.h5")
