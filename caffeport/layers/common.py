@@ -364,8 +364,8 @@ class Eltwise(Layer):
         n = len(bottom_shapes)
         if len(p.coeff) and len(p.coeff) != n:
             raise self.error(f"eltwise_param has {len(p.coeff)} coeff for {n} bottoms (need one per bottom)")
-        if len(p.coeff) and self.op != caffe_pb2.EltwiseParameter.SUM:
-            raise self.error("eltwise_param.coeff is only for operation SUM")
+        if len(p.coeff) and self.op == caffe_pb2.EltwiseParameter.PROD:
+            raise self.error("eltwise_param.coeff is only for operation SUM (Caffe ignores it for MAX)")
         self.coeff = [float(c) for c in p.coeff] or [1.0] * n
         self.stable = bool(p.stable_prod_grad)
         for i, s in enumerate(bottom_shapes[1:], 1):

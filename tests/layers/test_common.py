@@ -348,6 +348,7 @@ def test_inner_product_blob_shapes_and_value() -> None:
     ('type: "Concat"', [(2, 3, 4), (2, 3, 5)], 1),
     ('type: "Concat" concat_param { axis: 1 concat_dim: 1 }', [(2, 3), (2, 3)], 1),
     ('type: "Eltwise" eltwise_param { coeff: 1 }', [(2, 3), (2, 3)], 1),
+    ('type: "Eltwise" eltwise_param { operation: PROD coeff: 1 coeff: 2 }', [(2, 3), (2, 3)], 1),
     ('type: "Eltwise"', [(2, 3), (3, 2)], 1),
     ('type: "Eltwise"', [(2, 3)], 1),
     ('type: "Embed" embed_param { num_output: 0 input_dim: 3 }', [(4,)], 1),
@@ -382,3 +383,8 @@ def test_invalid_params(text: str, shapes: list[tuple[int, ...]], n_top: int) ->
 def test_in_place_refused_like_caffe(text: str) -> None:
     with pytest.raises(CaffeportError, match="in-place"):
         build(text, [(2, 3)])
+
+
+def test_eltwise_max_ignores_coeff_like_caffe() -> None:
+    layer = build('type: "Eltwise" eltwise_param { operation: MAX coeff: 2 coeff: 3 }', [(2,), (2,)])
+    np.testing.assert_array_equal(layer(torch.tensor([1.0, 5.0]), torch.tensor([2.0, 4.0])).numpy(), [2, 5])
