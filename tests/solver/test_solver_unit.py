@@ -229,3 +229,19 @@ def test_snapshot_prefix_folder_must_exist(tmp_path: Path) -> None:
     path.write_text(text)
     with pytest.raises(CaffeportError, match="snapshot prefix"):
         get_solver(path)
+
+
+def test_display_smooths_loss_over_average_loss(tmp_path: Path) -> None:
+    path = write_case(tmp_path, 'base_lr: 0.05 momentum: 0.9 lr_policy: "fixed" max_iter: 8 display: 1 '
+                                'average_loss: 3\nsnapshot_after_train: false')
+    log = Glog()
+    log.lines = []
+    s = get_solver(path, log=log)
+    feed(s)
+    losses: list[float] = []
+    s.add_callback(on_gradients_ready=lambda: losses.append(s.last_loss))
+    s.solve()
+    shown = [float(m.group(1)) for line in log.lines
+             if (m := re.search(r"Iteration \d+ \(.*\), loss = (\S+)", line))]
+    ref = [np.mean(losses[max(0, k - 2):k + 1]) for k in range(8)]
+    np.testing.assert_allclose(shown, ref, rtol=2e-5)
