@@ -358,7 +358,8 @@ def read_solver(
     *working directory*: ``net``, ``train_net``, ``test_net`` and ``weights`` that are relative are
     resolved against the solver file's folder, and a missing file is a :class:`CaffeportError`
     naming the solver, the field and the path. ``net=`` (and ``weights=``) override the file's
-    values, for tutorials whose solvers hard-code ``/home/ubuntu/...``. Like Caffe's
+    values (relative overrides are taken relative to the working directory), for tutorials whose
+    solvers hard-code ``/home/ubuntu/...``. Like Caffe's
     ``UpgradeSnapshotPrefixProperty``, a missing ``snapshot_prefix`` becomes the solver path without
     its extension, and a prefix naming an existing folder becomes ``folder/<solver stem>``; an
     explicit relative prefix is left relative (to the working directory, as in Caffe).
@@ -369,7 +370,7 @@ def read_solver(
 
     upgrade_solver(msg, str(p))
     if net is not None:
-        net_s = os.fspath(net)
+        net_s = os.path.abspath(os.fspath(net))  # an override is relative to the working directory
         if msg.HasField("train_net"):
             msg.train_net = net_s
         else:
@@ -378,7 +379,8 @@ def read_solver(
         msg.ClearField("train_net_param")
     if weights is not None:
         del msg.weights[:]
-        msg.weights.extend([os.fspath(w) for w in (weights if isinstance(weights, list) else [weights])])
+        ws = weights if isinstance(weights, list) else [weights]
+        msg.weights.extend([os.path.abspath(os.fspath(w)) for w in ws])
     if not resolve_paths:
         return msg
     base = p.resolve().parent

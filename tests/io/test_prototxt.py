@@ -227,7 +227,7 @@ def test_solver_snapshot_prefix_folder(tmp_path):
     assert read_solver(p).snapshot_prefix == str(tmp_path / "snaps" / "my_solver")
 
 
-def test_solver_missing_absolute_net(tmp_path):
+def test_solver_missing_absolute_net(tmp_path, monkeypatch):
     p = _solver(tmp_path, 'net: "/home/ubuntu/deeplearning-cats-dogs-tutorial/caffe_models/x.prototxt"\n')
     with pytest.raises(CaffeportError) as e:
         read_solver(p)
@@ -237,6 +237,8 @@ def test_solver_missing_absolute_net(tmp_path):
     (tmp_path / "mine.prototxt").write_text("")
     s = read_solver(p, net=tmp_path / "mine.prototxt")
     assert s.net == str(tmp_path / "mine.prototxt")
+    monkeypatch.chdir(tmp_path)  # a relative override is relative to the working directory
+    assert read_solver(p, net="mine.prototxt").net == str(tmp_path / "mine.prototxt")
 
 
 def test_tutorial_solver_needs_override():
