@@ -29,6 +29,11 @@ import numpy as np
 from caffeport.errors import CaffeportError
 from caffeport.proto import caffe_pb2
 
+
+class NoOnnxForm(CaffeportError):
+    """A layer (or one of its settings) that ONNX cannot express."""
+
+
 DEFAULT_OPSET = 17
 MIN_OPSET = 13
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -114,8 +119,8 @@ class OnnxLayer:
     def name(self) -> str:
         return self.param.name
 
-    def error(self, msg: str) -> CaffeportError:
-        return CaffeportError(f"layer '{self.param.name}' ({self.param.type}): {msg}")
+    def error(self, msg: str) -> NoOnnxForm:
+        return NoOnnxForm(f"layer '{self.param.name}' ({self.param.type}): {msg}")
 
     def out(self, op: str, inputs: Sequence[str], i: int = 0, **attrs: Any) -> str:
         """The node producing top ``i``."""
@@ -710,7 +715,7 @@ def net_to_onnx(net: Any, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = F
         raise CaffeportError(f"ONNX opset {opset} is too old: caffeport exports opset {MIN_OPSET} or newer")
     bad = unsupported_layers(net)
     if bad:
-        raise CaffeportError(
+        raise NoOnnxForm(
             f"{net.source}: these layers have no ONNX form: {', '.join(bad)}"
             + (" (derive a deploy net first: caffeport deploy)" if any(
                 lay.is_data or lay.is_loss for lay in net.layers) else "")
@@ -750,7 +755,7 @@ def net_to_onnx(net: Any, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = F
         try:
             CONVERTERS[layer.param.type](L)
         except CaffeportError as e:
-            raise CaffeportError(f"{net.source}: {e}") from None
+            raise type(e)(f"{net.source}: {e}") from None
         for t, name in zip(p.tops, tops):
             current[t] = name
     outputs = list(net.outputs)
