@@ -722,6 +722,10 @@ def net_to_onnx(net: Any, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = F
         )
     plans = net._plans
     shapes: dict[str, tuple[int, ...]] = dict(net._shapes)
+    empty = [f"'{n}' {s}" for n, s in shapes.items() if any(d <= 0 for d in s)]
+    if empty:
+        raise CaffeportError(f"{net.source}: blobs with an empty axis cannot be exported: {', '.join(empty[:5])} "
+                             "(is the input too small?)")
     g = GraphBuilder(opset)
     inputs = list(net.inputs)
     for name in inputs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -172,7 +173,8 @@ def export_program(net: Any, path: PathLike, kind: str = "torchscript", *, seed:
     example = _random_inputs(net, seed)
     check = _random_inputs(net, seed + 1)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jit deprecation notes and shape-specialisation notes
             if kind == "torchscript":
                 prog = torch.jit.trace(module, example, check_trace=False, strict=False)
                 _atomic_save(p, lambda tmp: torch.jit.save(prog, tmp))
