@@ -269,7 +269,8 @@ def _infer_top_shapes(layer: Layer, bottom_shapes: list[Shape]) -> list[Shape]:
                 p.copy_(s)
 
 
-def build_plans(net: caffe_pb2.NetParameter, ctx: BuildContext) -> tuple[list[_Plan], dict[str, Shape]]:
+def build_plans(net: caffe_pb2.NetParameter, ctx: BuildContext,
+                force_backward: bool = False) -> tuple[list[_Plan], dict[str, Shape]]:
     """Instantiate every layer of an already filtered and split net, inferring blob shapes."""
     reg = registry()
     missing = sorted({lp.type for lp in net.layer if lp.type not in reg})
@@ -297,7 +298,7 @@ def build_plans(net: caffe_pb2.NetParameter, ctx: BuildContext) -> tuple[list[_P
         bottom_shapes = [shapes[b] for b in lp.bottom]
         cls = reg[lp.type]
         layer = cls(lp, bottom_shapes, ctx)
-        _apply_param_specs(layer, lp, shared, ctx)
+        _apply_param_specs(layer, lp, shared, ctx, force_backward)
         tshapes = _infer_top_shapes(layer, bottom_shapes)
         if len(tshapes) < len(lp.top):
             raise CaffeportError(f"{ctx.source}: layer '{lp.name}' ({lp.type}) produced {len(tshapes)} "
@@ -317,12 +318,13 @@ def build_plans(net: caffe_pb2.NetParameter, ctx: BuildContext) -> tuple[list[_P
 
 def _apply_param_specs(layer: Layer, lp: caffe_pb2.LayerParameter,
                        shared: dict[str, tuple[nn.Parameter, caffe_pb2.ParamSpec, str]],
-                       ctx: BuildContext) -> None:
-    """lr_mult 0 -> no gradient; named params shared between layers (Caffe's AppendParam)."""
+                       ctx: BuildContext, force_backward: bool = False) -> None:
+    """lr_mult 0 -> no gradient (unless the net sets force_backward, which makes Caffe compute every
+    param diff); named params shared between layers (Caffe's AppendParam)."""
     for i, spec in enumerate(lp.param):
         if i >= len(layer.blobs):
             break
-        if spec.HasField("lr_mult") and spec.lr_mult == 0:
+        if spec.HasField("lr_mult") and spec.lr_mult == 0 and not force_backward:
             layer.blobs[i].requires_grad_(False)
         if spec.name:
             if spec.name not in shared:
@@ -366,27 +368,20 @@ class Net:
         self.net_param = filter_net(msg, state, source)
         split_net = insert_splits(self.net_param)
         self.ctx = BuildContext(phase=phase, root=Path(root) if root else folder, source=source)
-        plans, shapes = build_plans(split_net, self.ctx)
+        plans, shapes = build_plans(split_net, self.ctx, bool(msg.force_backward))
         self._plans = plans
-        consumed: set[str] = set()
+        # Outputs: blobs still available at the end (Caffe's available_blobs, a std::set, so in sorted
+        # name order): each layer consumes its bottoms, then makes its tops available (in place too).
         produced: list[str] = []
+        available: dict[str, None] = {}
         for p in plans:
             for b in p.bottoms:
-                consumed.add(b)
+                available.pop(b, None)
             for t in p.tops:
-                if t in consumed:
-                    consumed.discard(t)  # re-produced in place: available again
+                available[t] = None
                 if t not in produced:
                     produced.append(t)
-        # Outputs: blobs still available at the end (Caffe's available_blobs), in production order.
-        last_consumer: dict[str, int] = {}
-        last_producer: dict[str, int] = {}
-        for i, p in enumerate(plans):
-            for b in p.bottoms:
-                last_consumer[b] = i
-            for t in p.tops:
-                last_producer[t] = i
-        outputs = [t for t in produced if last_consumer.get(t, -1) < last_producer[t]]
+        outputs = sorted(available)
         inputs = [t for p in plans if p.layer.is_input for t in p.tops]
         self.module = NetModule(plans, inputs, outputs)
         self.force_backward = bool(msg.force_backward)
@@ -519,6 +514,9 @@ class Net:
         the diffs set on output blobs (``net.blobs[out].diff[...] = g``), or given by name.
         Returns the input blobs' diffs (plus any ``diffs`` asked for)."""
         if not self._graph_ready:
+            # The last forward kept no graph (inference): run it again with one, keeping the diffs
+            # the caller set on output blobs.
+            user_diffs = self._diff_bufs
             with torch.enable_grad():
                 force = self.force_backward
                 self.force_backward = True
@@ -526,6 +524,7 @@ class Net:
                     self.forward()
                 finally:
                     self.force_backward = force
+            self._diff_bufs = user_diffs
         tensors, grads = [], []
         weights = self.loss_weights
         for name in self.outputs:

@@ -28,7 +28,7 @@ def test_forward_backward(name: str) -> None:
         ref = npz(name, "forward.npz")
         for key, value in ref.items():
             if key.startswith("param/"):
-                _, layer, i = key.split("/")
+                layer, i = key[len("param/"):].rsplit("/", 1)
                 got = net.params[layer][int(i)].data
             else:
                 got = net.blobs[key].data
@@ -42,7 +42,7 @@ def test_forward_backward(name: str) -> None:
             if key.startswith("diff/"):
                 got = net.blobs[key[len("diff/"):]].diff
             elif key.startswith("param/"):
-                _, layer, i = key.split("/")
+                layer, i = key[len("param/"):].rsplit("/", 1)
                 got = net.params[layer][int(i)].diff
             else:
                 continue
