@@ -57,7 +57,7 @@ def _load_families() -> None:
     # Importing the family modules fills the registry.
     import importlib
 
-    for mod in ("input", "common", "neuron", "vision", "loss", "recurrent", "data", "python", "detection"):
+    for mod in ("input", "common", "neuron", "vision", "loss", "recurrent", "data", "python", "detection", "forks"):
         try:
             importlib.import_module(f"caffeport.layers.{mod}")
         except ModuleNotFoundError as e:  # a family not written yet
