@@ -570,9 +570,23 @@ class Net:
                 p.grad.zero_()
 
     def reshape(self) -> None:
-        """Propagate new input shapes through the net (runs a forward on the current inputs)."""
-        with torch.no_grad():
-            self._table = self.module.run(dict(self._inputs))
+        """Propagate new input shapes through the net (Caffe's ``Net::Reshape``): blob shapes are
+        recomputed without running data layers or advancing any layer state; blob values are reset."""
+        shapes: dict[str, Shape] = {}
+        for plan in self._plans:
+            layer = plan.layer
+            if layer.is_input:
+                tops = [tuple(self._inputs[t].shape) for t in plan.tops]
+            elif layer.is_data:
+                tops = layer.top_shapes([]) or [self._shapes[t] for t in plan.tops]
+            else:
+                tops = _infer_top_shapes(layer, [shapes[b] for b in plan.bottoms])
+            for t, s in zip(plan.tops, tops):
+                shapes[t] = tuple(int(d) for d in s)
+        self._shapes = shapes
+        self._table = {}
+        self._diff_bufs = {}
+        self._graph_ready = False
 
     def _reshape_input(self, name: str, shape: tuple[int, ...]) -> None:
         if name not in self._inputs:
