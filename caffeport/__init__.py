@@ -34,6 +34,9 @@ _LAZY = {
     "write_blobproto": "caffeport.io",
     "read_solverstate": "caffeport.io",
     "write_solverstate": "caffeport.io",
+    "upgrade_net": "caffeport.io",
+    "upgrade_solver": "caffeport.io",
+    "load_caffemodel_net": "caffeport.io",
     "Solver": "caffeport.solver",
     "get_solver": "caffeport.solver",
 }
