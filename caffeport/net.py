@@ -28,7 +28,7 @@ from torch import nn
 
 from caffeport.errors import CaffeportError, nearest
 from caffeport.graph import filter_net, insert_splits, net_state
-from caffeport.layers.base import TEST, TRAIN, BuildContext, Layer, Shape, registry
+from caffeport.layers.base import TEST, TRAIN, BuildContext, Layer, LegacyShape, Shape, registry
 from caffeport.proto import caffe_pb2
 
 __all__ = ["Net", "NetModule", "Blob", "TRAIN", "TEST", "load_module"]
@@ -124,7 +124,7 @@ class NetModule(nn.Module):
         return {name: table[name] for name in self.output_names}
 
 
-class Blob:
+class Blob(LegacyShape):
     """pycaffe's Blob: ``data`` and ``diff`` as numpy arrays that share memory with the tensors
     (on CPU; on another device they are copies)."""
 
@@ -159,27 +159,6 @@ class Blob:
     @property
     def count(self) -> int:
         return int(self._tensor().numel())
-
-    def _legacy(self, i: int) -> int:
-        s = self.shape
-        s = (1,) * (4 - len(s)) + s if len(s) <= 4 else s
-        return s[i]
-
-    @property
-    def num(self) -> int:
-        return self._legacy(0)
-
-    @property
-    def channels(self) -> int:
-        return self._legacy(1)
-
-    @property
-    def height(self) -> int:
-        return self._legacy(2)
-
-    @property
-    def width(self) -> int:
-        return self._legacy(3)
 
     def reshape(self, *shape: int) -> None:
         """Reshape an input blob (as pycaffe's ``net.blobs['data'].reshape(...)``)."""

@@ -207,3 +207,49 @@ def legacy_shape_equal(legacy: Shape, shape: Shape) -> bool:
 
 def blob_shape(bs: caffe_pb2.BlobShape) -> Shape:
     return tuple(int(d) for d in bs.dim)
+
+
+class _NoGradCtx:
+    """Stands in for autograd's ctx when a Function's forward runs without autograd."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
+
+
+def run_function(fn: type[torch.autograd.Function], *args: Any) -> Any:
+    """``fn.apply(*args)`` when a gradient can flow, else its plain forward (no autograd node), so
+    inference, tracing and export see ordinary torch ops. Layers whose Caffe gradient differs from
+    autograd's use this for their custom Functions."""
+    needs = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if needs and not torch.jit.is_tracing():
+        return fn.apply(*args)
+    return fn.forward(_NoGradCtx(), *args)
+
+
+class LegacyShape:
+    """pycaffe's legacy 4-D accessors (num, channels, height, width) over ``self.shape``: shapes with
+    fewer axes are padded with leading 1s, as Caffe's ``LegacyShape``."""
+
+    shape: tuple[int, ...]
+
+    def _legacy(self, i: int) -> int:
+        s = tuple(self.shape)
+        if len(s) > 4:
+            raise ValueError(f"legacy accessors need at most 4 axes, blob has shape {s}")
+        return ((1,) * (4 - len(s)) + s)[i]
+
+    @property
+    def num(self) -> int:
+        return self._legacy(0)
+
+    @property
+    def channels(self) -> int:
+        return self._legacy(1)
+
+    @property
+    def height(self) -> int:
+        return self._legacy(2)
+
+    @property
+    def width(self) -> int:
+        return self._legacy(3)

@@ -21,29 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caffeport.layers.base import Layer, Shape, register
+from caffeport.layers.base import Layer, Shape, register, run_function
 from caffeport.proto import caffe_pb2
 
 _NORM = caffe_pb2.LossParameter
 FLT_MIN = float(np.finfo(np.float32).tiny)  # 1.17549435e-38
 LOG_FLT_MIN = math.log(FLT_MIN)
 K_LOG_THRESHOLD = 1e-20  # caffe/layers/loss_layer.hpp kLOG_THRESHOLD
-
-
-class _NoGradCtx:
-    """Stands in for autograd's ctx when a Function's forward runs without autograd."""
-
-    def save_for_backward(self, *tensors: torch.Tensor) -> None:
-        pass
-
-
-def _run(fn: type[torch.autograd.Function], *args):
-    """``fn.apply(*args)`` when a gradient can flow, else its plain forward (no autograd node), so
-    inference, tracing and ONNX export see ordinary torch ops."""
-    needs = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs and not torch.jit.is_tracing():
-        return fn.apply(*args)
-    return fn.forward(_NoGradCtx(), *args)
 
 
 def _canonical_axis(axis: int, ndim: int, layer: Layer, field: str) -> int:
@@ -178,7 +162,7 @@ class SoftmaxWithLoss(_LossLayer):
             valid = torch.ones_like(lab, dtype=torch.bool)
             count = None
         norm = _normalizer(self.mode, outer, inner, count)
-        loss = _run(_SoftmaxLossFn, x3, lab, valid, norm)
+        loss = run_function(_SoftmaxLossFn, x3, lab, valid, norm)
         if len(self.param.top) >= 2:
             return loss, torch.softmax(x.detach(), dim=self.axis)
         return loss
@@ -231,7 +215,7 @@ class SigmoidCrossEntropyLoss(_LossLayer):
             valid = torch.ones_like(x, dtype=torch.bool)
             count = torch.tensor(x.numel(), device=x.device)
         norm = _normalizer(self.mode, outer, inner, count)
-        return _run(_SigmoidCEFn, x, target, valid, norm)
+        return run_function(_SigmoidCEFn, x, target, valid, norm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +255,7 @@ class MultinomialLogisticLoss(_LossLayer):
 
     def forward(self, prob: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         n = int(prob.shape[0])
-        return _run(_MultinomialFn, prob.reshape(n, -1), _labels(label).reshape(n))
+        return run_function(_MultinomialFn, prob.reshape(n, -1), _labels(label).reshape(n))
 
 
 def _read_blobproto(path: Path, layer: Layer) -> np.ndarray:
@@ -378,7 +362,7 @@ class InfogainLoss(_LossLayer):
             valid = torch.ones_like(lab, dtype=torch.bool)
             count = None
         norm = _normalizer(self.mode, outer, inner, count)
-        loss, prob = _run(_InfogainFn, x.reshape(outer, c, inner), lab, valid, hm, norm)
+        loss, prob = run_function(_InfogainFn, x.reshape(outer, c, inner), lab, valid, hm, norm)
         if len(self.param.top) >= 2:
             return loss, prob.detach().reshape(shape)
         return loss
@@ -488,7 +472,7 @@ class ContrastiveLoss(_LossLayer):
     def forward(self, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = int(a.shape[0])
         similar = _labels(y).reshape(n) != 0
-        return _run(_ContrastiveFn, a.reshape(n, -1), b.reshape(n, -1), similar, self.margin, self.legacy)
+        return run_function(_ContrastiveFn, a.reshape(n, -1), b.reshape(n, -1), similar, self.margin, self.legacy)
 
 
 @register("SmoothL1Loss")

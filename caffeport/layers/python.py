@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from caffeport.errors import nearest
-from caffeport.layers.base import Layer, Shape, register
+from caffeport.layers.base import Layer, LegacyShape, Shape, register
 
 
-class PyBlob:
+class PyBlob(LegacyShape):
     """pycaffe's Blob as seen by Python layers: numpy ``data`` and ``diff`` of one shape."""
 
     def __init__(self, shape: Sequence[int] = ()):
@@ -77,28 +77,6 @@ class PyBlob:
     @property
     def count(self) -> int:
         return int(self._data.size)
-
-    def _legacy(self, i: int) -> int:
-        s = self.shape
-        if len(s) > 4:
-            raise ValueError(f"legacy accessors need at most 4 axes, blob has shape {s}")
-        return ((1,) * (4 - len(s)) + s)[i] if len(s) < 4 else s[i]
-
-    @property
-    def num(self) -> int:
-        return self._legacy(0)
-
-    @property
-    def channels(self) -> int:
-        return self._legacy(1)
-
-    @property
-    def height(self) -> int:
-        return self._legacy(2)
-
-    @property
-    def width(self) -> int:
-        return self._legacy(3)
 
     def __repr__(self) -> str:
         return f"<Blob {self.shape}>"

@@ -24,23 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from caffeport.errors import CaffeportError
-from caffeport.layers.base import Layer, Shape, register
-
-
-class _NoGradCtx:
-    """Stands in for autograd's ctx when a Function's forward runs without autograd."""
-
-    def save_for_backward(self, *tensors: torch.Tensor) -> None:
-        pass
-
-
-def _run(fn: type[torch.autograd.Function], *args):
-    """``fn.apply(*args)`` when a gradient can flow, else its plain forward (no autograd node), so
-    inference, tracing and ONNX export see ordinary torch ops."""
-    needs = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs and not torch.jit.is_tracing():
-        return fn.apply(*args)
-    return fn.forward(_NoGradCtx(), *args)
+from caffeport.layers.base import Layer, Shape, register, run_function
 
 
 class _LSTMUnitFn(torch.autograd.Function):
@@ -84,7 +68,7 @@ class _LSTMUnitFn(torch.autograd.Function):
 
 def lstm_unit(c_prev: torch.Tensor, x: torch.Tensor, cont: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Caffe's LSTMUnit step on (N, H), (N, 4H), (N,) tensors -> (c, h)."""
-    return _run(_LSTMUnitFn, c_prev, x, cont.detach())
+    return run_function(_LSTMUnitFn, c_prev, x, cont.detach())
 
 
 @register("LSTMUnit")
@@ -237,7 +221,7 @@ class LSTM(_Recurrent):
         for t in range(x3.shape[0]):
             ct = cont[t]
             gates = F.linear(ct.unsqueeze(1) * h, w_hc) + gx[t]
-            c, h = _run(_LSTMUnitFn, c, gates, ct)
+            c, h = run_function(_LSTMUnitFn, c, gates, ct)
             hs.append(h)
         return self._finish(torch.stack(hs), [h, c])
 
