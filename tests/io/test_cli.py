@@ -33,8 +33,7 @@ R = CORPUS / "4_real_caffemodels"
     ids=["caffemodel", "caffemodel.h5", "solverstate", "solverstate.h5", "mean", "net", "solver", "labelmap", "lmdb"],
 )
 def test_info(path, expect):
-    if not path.exists():
-        pytest.skip(f"{path} not available")
+    assert path.exists(), f"{path} is missing from shared/"
     r = CliRunner().invoke(cli, ["info", str(path)])
     assert r.exit_code == 0, r.output
     for e in expect:
