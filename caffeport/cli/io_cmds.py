@@ -68,7 +68,30 @@ def upgrade_cmd(src: str, dst: str) -> None:
     click.echo(f"{src} -> {dst}: {kind} {note}")
 
 
+def _info_built_net(path: str, net: caffe_pb2.NetParameter) -> bool:
+    """Build the net (TEST phase) to show top shapes and parameter counts; False if it can't be built
+    here (e.g. a data layer whose source is elsewhere)."""
+    from caffeport.net import Net
+
+    try:
+        built = Net(path)
+    except CaffeportError as e:
+        click.echo(f"  (not built: {e})", err=True)
+        return False
+    total = sum(int(p.numel()) for _, _, p, _, _ in built.learnable_params())
+    click.echo(f"{path}: net '{net.name}', {len(built.layers)} layers (TEST phase), {total:,} parameters")
+    for layer in built.layers:
+        tops = built.top_names[layer.name]
+        shapes = " ".join(_fmt_shape(built.blobs[t].shape) for t in tops)
+        count = sum(int(p.numel()) for p in layer.blobs)
+        io = f"{','.join(built.bottom_names[layer.name]) or '-'} -> {','.join(tops) or '-'}"
+        click.echo(f"  {layer.name:<24} {layer.param.type:<18} {io:<40} {shapes}" + (f"  [{count:,}]" if count else ""))
+    return True
+
+
 def _info_net(path: str, net: caffe_pb2.NetParameter, weights: bool) -> None:
+    if not weights and _info_built_net(path, net):
+        return
     total = 0
     rows = []
     for lp in net.layer:
