@@ -71,9 +71,10 @@ def _device(gpu: str | None, log: Any, single: bool = True) -> torch.device | No
 @_opt("sighup_effect", default="snapshot", show_default=True, help="On SIGHUP: snapshot, stop or none.")
 @_opt("log", "log_file", default=None, type=click.Path(dir_okay=False), help="Also append the log to FILE.")
 @_opt("net", default=None, help="Use this train net file instead of the solver's net/train_net.")
+@_opt("snapshot_prefix", default=None, help="Use this snapshot prefix instead of the solver's.")
 def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, snapshot: str | None,
               gpu: str | None, iterations: int | None, level: int | None, stage: str, sigint_effect: str,
-              sighup_effect: str, log_file: str | None, net: str | None) -> None:
+              sighup_effect: str, log_file: str | None, net: str | None, snapshot_prefix: str | None) -> None:
     """Train or fine-tune a model (``caffe train``)."""
     from caffeport.solver import Glog, SignalActions, get_solver
 
@@ -89,7 +90,8 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
     log = Glog.stderr(log_file)
     try:
         device = _device(gpu, log, single=False)
-        s = get_solver(path, net=net, level=level, stages=_stages(stage), device=device, log=log)
+        s = get_solver(path, net=net, level=level, stages=_stages(stage), device=device, log=log,
+                       snapshot_prefix=snapshot_prefix)
         if device is None:
             log.info("Use CPU." if s.device.type == "cpu" else f"Using GPUs {s.device.index or 0}", "caffe.cpp:222")
         if iterations is not None:

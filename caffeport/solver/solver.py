@@ -148,9 +148,11 @@ class Solver:
     def __init__(self, solver: PathLike | caffe_pb2.SolverParameter, *, net: PathLike | None = None,
                  level: int | None = None, stages: Sequence[str] | None = None,
                  device: str | torch.device | None = None, log: Glog | None = None,
-                 weights: Sequence[PathLike] | None = None):
+                 weights: Sequence[PathLike] | None = None, snapshot_prefix: PathLike | None = None):
         self.param, self.source, self.folder = _read_param(solver, net)
         p = self.param
+        if snapshot_prefix is not None:  # for solvers whose prefix points at someone else's machine
+            p.snapshot_prefix = str(snapshot_prefix)
         if level is not None:
             p.train_state.level = int(level)
         if stages:
