@@ -38,6 +38,33 @@ def _legacy4(shape: Shape) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------
 # SSD: Normalize
 # ---------------------------------------------------------------------------------------------
+class _NormalizeFn(torch.autograd.Function):
+    """y = x / norm * scale on (N, C, S) with the fork's backward (see ``Normalize``)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, across_spatial, eps):
+        dims = (1, 2) if across_spatial else (1,)
+        norm = torch.sqrt((x * x).sum(dim=dims, keepdim=True) + eps)
+        s = scale.reshape(1, 1, 1) if scale.dim() == 0 else scale.reshape(1, -1, 1)
+        ctx.save_for_backward(x, norm, scale)
+        ctx.dims = dims
+        return x / norm * s
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, norm, scale = ctx.saved_tensors
+        s = scale.reshape(1, 1, 1) if scale.dim() == 0 else scale.reshape(1, -1, 1)
+        dx = dscale = None
+        if ctx.needs_input_grad[0]:
+            a = (x * dy).sum(dim=ctx.dims, keepdim=True)
+            dx = (dy - x * a / (norm * norm)) / norm * s
+        if ctx.needs_input_grad[1]:
+            t = x / norm * dy
+            dscale = t.sum() if scale.dim() == 0 else t.sum(dim=(0, 2))
+            dscale = dscale.reshape(scale.shape)
+        return dx, dscale, None, None
+
+
 @register("Normalize")
 class Normalize(Layer):
     """SSD's L2 normalisation with a learned scale (``norm_param``).
@@ -45,9 +72,13 @@ class Normalize(Layer):
     For each item: ``norm = sqrt(sum(x^2) + eps)`` over all of C*H*W (``across_spatial``, default)
     or over the channels at each spatial position; ``y = x / norm * scale`` where the scale blob is
     a single value (``channel_shared``, default; a 0-axis blob) or one per channel (shape (C,)).
-    The default scale filler is constant 1. Autograd gives the fork's backward; the fork's scale
-    gradient divides ``sum(top * top_diff)`` by the scale, so it differs (is NaN there) only at a
-    scale of exactly 0.
+    The default scale filler is constant 1.
+
+    Backward is the fork's, which is not the true gradient when the scale is per channel: the fork
+    back-propagates ``dy`` through the normalisation as if unscaled and multiplies the result by
+    the scale, ``dx = s * (dy - x * sum(x * dy) / norm^2) / norm`` (sums over the normalised set),
+    where the true gradient would use ``s * dy`` inside the sum. The scale gradient is
+    ``sum(x / norm * dy)``; the fork computes it as ``sum(top * dy) / s`` (NaN at s = 0).
     """
 
     min_bottoms = max_bottoms = 1
@@ -72,17 +103,8 @@ class Normalize(Layer):
         return [bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        xr = x.reshape(n, self.channels, -1)
-        sq = xr * xr
-        if self.across_spatial:
-            norm = torch.sqrt(sq.sum(dim=(1, 2), keepdim=True) + self.eps)
-        else:
-            norm = torch.sqrt(sq.sum(dim=1, keepdim=True) + self.eps)
-        y = xr / norm
-        scale = self.blobs[0]
-        y = y * scale.reshape(1, 1, 1) if self.channel_shared else y * scale.reshape(1, -1, 1)
-        return y.reshape(x.shape)
+        xr = x.reshape(x.shape[0], self.channels, -1)
+        return _NormalizeFn.apply(xr, self.blobs[0], self.across_spatial, self.eps).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,8 +151,11 @@ class PriorBox(Layer):
     """SSD's default boxes for a feature map (bottom 0) and an image (bottom 1).
 
     Top (1, 2, H*W*num_priors*4): channel 0 holds [xmin, ymin, xmax, ymax] normalised by the image
-    size, in the order h, w, min_size, then (min_size box, sqrt(min*max) box, other aspect ratios);
-    channel 1 holds the variances (one value, four values, or 0.1 by default).
+    size, in the order h, w, min_size, then (min_size box, sqrt(min*max) box, other aspect ratios
+    ar with width min_size*sqrt(ar) and height min_size/sqrt(ar)); channel 1 holds the variances
+    (one value, four values, or 0.1 by default). (One intermediate weiliu89 revision scaled the
+    aspect-ratio boxes by sqrt(min*max) when max_size is given; the released SSD code and models,
+    and OpenCV, use min_size, as here.)
 
     Fork details kept: ``min_size``/``max_size`` are truncated to int before use (``int min_size_``),
     aspect ratios are de-duplicated within 1e-6 (1 is always first) and flipped as ``1/ar`` stored
@@ -238,10 +263,8 @@ class PriorBox(Layer):
             for ar in self.aspect_ratios:
                 if abs(ar - 1.0) < 1e-6:
                     continue
-                sq = float(np.sqrt(_F32(ar)))  # sqrt of a float is a float
-                # sqrt(int * int) is a double; min_size * sqrt(ar) a float product (same rounding).
-                base = math.sqrt(mn_i * int(self.max_sizes[s])) if self.max_sizes else float(mn_i)
-                sizes.append((float(_F32(base * sq)), float(_F32(base / sq))))
+                sq = _F32(np.sqrt(_F32(ar)))  # sqrt of a float is a float
+                sizes.append((float(_F32(_F32(mn_i) * sq)), float(_F32(_F32(mn_i) / sq))))
         bw = np.array([s[0] for s in sizes], dtype=np.float64)
         bh = np.array([s[1] for s in sizes], dtype=np.float64)
         xmin = (cx[None, :, None] - bw[None, None, :] / 2.0) / img_w  # (1, W, P)
