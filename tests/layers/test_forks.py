@@ -777,3 +777,66 @@ def test_zoo_ssd_nets_with_random_weights_match_opencv(proto: Path, tmp_path: Pa
     model = tmp_path / "w.caffemodel"
     net.save(model)
     _compare_with_opencv(proto, model, tmp_path)
+
+
+SHUFFLENETS = [CORPUS / "3_model_zoo" / "shufflenet_farmingyard" / "shufflenet_1x_g3_deploy.prototxt",
+               CORPUS / "3_model_zoo" / "shufflenet_farmingyard" / "shufflenet_v2_1x_deploy.prototxt"]
+
+
+@pytest.mark.parametrize("proto", SHUFFLENETS, ids=lambda p: p.stem)
+def test_shufflenets_with_random_weights_match_opencv(proto: Path, tmp_path: Path) -> None:
+    """ShuffleChannel and ConvolutionDepthwise outputs (not overwritten by in-place layers) and the
+    final scores against OpenCV, with filler weights and sane BatchNorm statistics."""
+    cv2 = _cv2_caffe()
+    if not proto.exists():
+        pytest.skip("corpus net not present")
+    from caffeport.net import Net
+
+    torch.manual_seed(0)
+    net = Net(proto)
+    with torch.no_grad():
+        for layer in net.layers:
+            if layer.param.type == "BatchNorm":
+                layer.blobs[0].normal_()
+                layer.blobs[1].uniform_(0.5, 2.0)
+                layer.blobs[2].fill_(1.0)
+    model = tmp_path / "w.caffemodel"
+    net.save(model)
+    cvn = cv2.dnn.readNetFromCaffe(str(proto), str(model))
+    cvn.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    cvn.enableFusion(False)
+    x = np.random.default_rng(1).standard_normal(net.blobs[net.inputs[0]].data.shape).astype(np.float32)
+    in_place = {t for layer in net.layers for t in layer.param.top if t in layer.param.bottom}
+    names = [n for n in net.layer_names if net.layer_by_name(n).param.type in ("ShuffleChannel", "ConvolutionDepthwise")
+             and net.top_names[n][0] not in in_place]
+    names.append(net.layer_names[-1])
+    assert len(names) > 10
+    cvn.setInput(x)
+    outs = cvn.forward(names)
+    net.forward(**{net.inputs[0]: x})
+    for name, o in zip(names, outs):
+        mine = net.blobs[net.top_names[name][0]].data
+        err = float(np.abs(mine - o.reshape(mine.shape)).max() / max(float(np.abs(o).max()), 1e-12))
+        assert err < 1e-4, (name, err)
+
+
+def test_interp_matches_opencv(tmp_path: Path) -> None:
+    cv2 = _cv2_caffe()
+    from caffeport.net import Net
+
+    proto = tmp_path / "interp.prototxt"
+    proto.write_text('input: "data" input_shape { dim: 1 dim: 3 dim: 7 dim: 9 }\n'
+                     'layer { name: "a" type: "Interp" bottom: "data" top: "a" interp_param { zoom_factor: 8 } }\n'
+                     'layer { name: "b" type: "Interp" bottom: "data" top: "b" '
+                     'interp_param { height: 60 width: 23 } }\n')
+    net = Net(proto)
+    model = tmp_path / "interp.caffemodel"
+    net.save(model)
+    cvn = cv2.dnn.readNetFromCaffe(str(proto), str(model))
+    cvn.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    x = RNG.standard_normal((1, 3, 7, 9)).astype(np.float32)
+    cvn.setInput(x)
+    outs = cvn.forward(["a", "b"])
+    net.forward(data=x)
+    for name, o in zip(["a", "b"], outs):
+        np.testing.assert_allclose(net.blobs[name].data, o, rtol=1e-5, atol=2e-6)
