@@ -32,6 +32,7 @@ __all__ = [
     "DatumBatches",
     "ImageListBatches",
     "HDF5Batches",
+    "RecordStride",
 ]
 
 
@@ -111,6 +112,26 @@ def read_image(path: str | Path, height: int = 0, width: int = 0, is_color: bool
 # --------------------------------------------------------------------------------------------------
 
 
+class RecordStride:
+    """Caffe 1.0's multi-GPU record split (``DataLayer``/``HDF5DataLayer::Skip``): solver ``rank`` of
+    ``world`` reads the records whose running offset satisfies ``offset % world == rank`` and skips
+    the others, so one iteration of W solvers reads the W·batch consecutive records that one solver
+    with a W·batch batch would read (dealt out record by record). TRAIN nets only: Caffe tests on
+    rank 0 alone, without skipping."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        if world < 1 or not 0 <= rank < world:
+            raise CaffeportError(f"invalid data-parallel rank {rank} of {world} solvers")
+        self.rank, self.world = int(rank), int(world)
+        self.offset = 0  # records consumed (read or skipped) so far
+
+    def next_skip(self) -> int:
+        """How many records to skip before the next one this rank reads (that one is counted too)."""
+        n = (self.rank - self.offset) % self.world
+        self.offset += n + 1
+        return n
+
+
 class DatumBatches:
     """Batches from an LMDB/LevelDB of Datums (Caffe's DataLayer ``load_batch``).
 
@@ -130,9 +151,12 @@ class DatumBatches:
         where: str,
         rand_skip: int = 0,
         decode_workers: int = 4,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.where = where
         self.reader = open_reader(path, backend, where)
+        self.stride = RecordStride(rank, world)
         self.batch_size = int(batch_size)
         self.tf = transformer
         self.with_label = with_label
@@ -155,7 +179,11 @@ class DatumBatches:
 
     def next_batch(self) -> tuple[np.ndarray, ...]:
         n = self.batch_size
-        values = [self.reader.next_record()[1] for _ in range(n)]
+        values = []
+        for _ in range(n):
+            for _ in range(self.stride.next_skip()):
+                self.reader.next_record()
+            values.append(self.reader.next_record()[1])
         use_pool = self.decode_workers > 1 and n > 1
         if use_pool and self._pool is None:
             self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="caffeport-decode")
@@ -315,8 +343,11 @@ class HDF5Batches:
         shuffle: bool = False,
         rng: np.random.Generator | None = None,
         root: Path | None = None,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.where = where
+        self.stride = RecordStride(rank, world)
         if not list_path.is_file():
             raise CaffeportError(f"{where}: HDF5 list source '{list_path}' not found")
         names = list_path.read_text().split()
@@ -402,6 +433,8 @@ class HDF5Batches:
     def next_batch(self) -> tuple[np.ndarray, ...]:
         outs = [np.empty((self.batch_size, *a.shape[1:]), dtype=np.float32) for a in self.arrays]
         for i in range(self.batch_size):
+            for _ in range(self.stride.next_skip()):
+                self._next()
             r = int(self.row_perm[self.row])
             for o, a in zip(outs, self.arrays):
                 o[i] = a[r]

@@ -11,7 +11,10 @@ Differences from Caffe worth knowing:
 
 - random crops / mirrors / ``shuffle`` / ``rand_skip`` use numpy's RNG (seeded from torch's), not
   Caffe's boost stream, so they match Caffe in distribution, not draw for draw;
-- each Data layer has its own cursor (Caffe >= 2017); there is no multi-GPU record striding;
+- each Data layer has its own cursor (Caffe >= 2017);
+- data-parallel training (``torch.distributed`` initialised, e.g. ``caffeport train --gpu 0,1``):
+  TRAIN-phase Data and HDF5Data layers of rank r of W read records r, r+W, r+2W... as Caffe 1.0's
+  ``Skip()`` does; ImageData does not stride (neither does Caffe's), TEST nets never do;
 - WindowData is registered but not implemented (a clear error at set-up).
 """
 
@@ -51,6 +54,14 @@ class _DataLayerBase(Layer):
 
     def _resolve(self, path: str) -> Path:
         return resolve_data_path(path, Path(self.ctx.root))
+
+    def _solver_rank(self) -> tuple[int, int]:
+        """(rank, solver count) for record striding: Caffe's ``solver_rank``/``solver_count`` in the
+        TRAIN phase when torch.distributed is initialised; (0, 1) otherwise."""
+        dist = torch.distributed
+        if self.phase != caffe_pb2.TRAIN or not (dist.is_available() and dist.is_initialized()):
+            return 0, 1
+        return dist.get_rank(), dist.get_world_size()
 
     def _rng(self) -> np.random.Generator:
         seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
@@ -109,8 +120,10 @@ class Data(_DataLayerBase):
         self._init_output()
         self.tf = self._transformer(dp)
         path = self._resolve(dp.source)
+        rank, world = self._solver_rank()
         self.batches = DatumBatches(
-            path, dp.backend, dp.batch_size, self.tf, len(self.param.top) > 1, self._where(), dp.rand_skip
+            path, dp.backend, dp.batch_size, self.tf, len(self.param.top) > 1, self._where(), dp.rand_skip,
+            rank=rank, world=world,
         )
         self._shape = self.batches.first_shape()
         self.prefetcher = Prefetcher(self.batches.next_batch, dp.prefetch, f"caffeport-data-{self.name}")
@@ -200,9 +213,10 @@ class HDF5Data(_DataLayerBase):
         path = self._resolve(hp.source)
         if not path.is_file():
             raise self.error(f"source '{hp.source}' not found (looked in the cwd and in '{self.ctx.root}')")
+        rank, world = self._solver_rank()
         self.batches = HDF5Batches(
             path, list(self.param.top), hp.batch_size, self._where(), hp.shuffle, self._rng(),
-            Path(self.ctx.root),
+            Path(self.ctx.root), rank=rank, world=world,
         )
 
     def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
