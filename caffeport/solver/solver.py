@@ -178,9 +178,9 @@ class Solver:
         if p.snapshot > 0:
             self._check_snapshot_prefix()
         self.device = self._pick_device(device)
-        if p.random_seed >= 0:
-            torch.manual_seed(int(p.random_seed))
-            np.random.seed(int(p.random_seed) % (2**32))
+        if p.random_seed >= 0:  # solver r of a data-parallel run: random_seed + r, as Caffe
+            torch.manual_seed(int(p.random_seed) + self.rank)
+            np.random.seed((int(p.random_seed) + self.rank) % (2**32))
         self.iter = 0
         self.current_step = 0
         self.learning_rate = 0.0
