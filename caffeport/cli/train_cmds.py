@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -63,7 +64,8 @@ def _device(gpu: str | None, log: Any, single: bool = True) -> torch.device | No
 @_opt("solver", default=None, help="The solver definition protocol buffer text file.")
 @_opt("weights", default=None, help="Pretrained weights to fine-tune from, separated by ','. Not with --snapshot.")
 @_opt("snapshot", default=None, help="A .solverstate to resume training from.")
-@_opt("gpu", default=None, help="GPU device ids separated by ',' or 'all' (one device is used).")
+@_opt("gpu", default=None, help="GPU device ids separated by ',' or 'all': one solver process per device, "
+     "gradients averaged (effective batch = batch_size x devices). Testing aid: cpu:N runs N CPU processes.")
 @_opt("iterations", type=int, default=None, help="Override the solver's max_iter.")
 @_opt("level", type=int, default=None, help="Network level (train_state level).")
 @_opt("stage", default="", help="Network stages (train_state), separated by ','.")
@@ -76,7 +78,8 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
               gpu: str | None, iterations: int | None, level: int | None, stage: str, sigint_effect: str,
               sighup_effect: str, log_file: str | None, net: str | None, snapshot_prefix: str | None) -> None:
     """Train or fine-tune a model (``caffe train``)."""
-    from caffeport.solver import Glog, SignalActions, get_solver
+    from caffeport.solver import Glog, SignalActions
+    from caffeport.solver.parallel import TrainJob, launch, plan_devices, train
 
     if solver_file and solver and solver_file != solver:
         raise CaffeportError(f"two solvers given: {solver_file} and --solver {solver}")
@@ -86,26 +89,23 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
     if snapshot and weights:
         raise CaffeportError("give a snapshot to resume training or weights to fine-tune, but not both "
                              "(--snapshot and --weights)")
-    actions = SignalActions(sigint_effect, sighup_effect)
+    job = TrainJob(path, net=net, level=level, stages=tuple(_stages(stage)), weights=weights, snapshot=snapshot,
+                   iterations=iterations, snapshot_prefix=snapshot_prefix, log_file=log_file,
+                   sigint_effect=sigint_effect, sighup_effect=sighup_effect)
+    actions = SignalActions(sigint_effect, sighup_effect)  # validates the effects up front
+    devices = plan_devices(gpu)
+    if devices is not None:  # Caffe's multi-GPU training: one process per device
+        from caffeport.io import read_solver
+
+        if not Path(path).exists():
+            raise CaffeportError(f"solver file not found: {path}")
+        read_solver(Path(path), net=net)  # parse errors here, before starting the workers
+        launch(job, devices)
+        return
     log = Glog.stderr(log_file)
     try:
         device = _device(gpu, log, single=False)
-        s = get_solver(path, net=net, level=level, stages=_stages(stage), device=device, log=log,
-                       snapshot_prefix=snapshot_prefix)
-        if device is None:
-            log.info("Use CPU." if s.device.type == "cpu" else f"Using GPUs {s.device.index or 0}", "caffe.cpp:222")
-        if iterations is not None:
-            s.param.max_iter = int(iterations)
-        s.action = actions
-        if snapshot:
-            log.info(f"Resuming from {snapshot}", "caffe.cpp:248")
-            s.restore(snapshot)
-        elif weights:
-            s.copy_weights(weights)
-        log.info("Starting Optimization", "caffe.cpp:253")
-        with actions:
-            s.solve()
-        log.info("Optimization Done.", "caffe.cpp:259")
+        train(job, device, log, actions, signals=actions)
     finally:
         log.close()
 
