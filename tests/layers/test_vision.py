@@ -37,32 +37,16 @@ def randn(*shape) -> np.ndarray:
 
 
 def gradcheck(layer, inputs: list[np.ndarray], params: bool = True) -> None:
-    """Numeric vs autograd gradient of sum(top * random weights) wrt inputs and params (float64)."""
+    """Finite differences vs autograd (float64) wrt every input and, if asked, every parameter blob."""
     layer = layer.double()
     xs = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in inputs]
-    ps = list(layer.blobs) if params else []
+    names = [f"blobs.{i}" for i in range(len(layer.blobs))] if params else []
+    ps = [layer.blobs[i].detach().clone().requires_grad_(True) for i in range(len(names))]
 
     def f(*args):
-        xs_ = args[: len(xs)]
-        if ps:
-            with torch.no_grad():
-                for p, v in zip(ps, args[len(xs):]):
-                    p.copy_(v)
-        out = layer(*xs_)
-        return out
+        return torch.func.functional_call(layer, dict(zip(names, args[len(xs):])), tuple(args[: len(xs)]))
 
-    if ps:
-        # gradcheck perturbs the given tensors; route the params through functional_call-like copy.
-        pv = [p.detach().clone().requires_grad_(True) for p in ps]
-
-        def g(*args):
-            xs_ = args[: len(xs)]
-            params_ = dict(zip([f"blobs.{i}" for i in range(len(ps))], args[len(xs):]))
-            return torch.func.functional_call(layer, params_, xs_)
-
-        assert torch.autograd.gradcheck(g, (*xs, *pv), eps=1e-6, atol=1e-6, rtol=1e-4)
-    else:
-        assert torch.autograd.gradcheck(f, tuple(xs), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(f, (*xs, *ps), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,8 +155,8 @@ def test_global_max_pooling_ties_first() -> None:
 
 
 def test_pooling_ave_gradcheck_general_path() -> None:
-    layer = make("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 2 }", [(2, 2, 5, 6)])
-    gradcheck(layer, [randn(2, 2, 5, 6)], params=False)
+    layer = make("Pooling", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 2 }", [(1, 2, 5, 6)])
+    gradcheck(layer, [randn(1, 2, 5, 6)], params=False)
 
 
 def test_stochastic_pooling_test_phase() -> None:
@@ -322,7 +306,10 @@ def test_conv_axis_and_two_bottoms() -> None:
         ref = ref_conv(x.reshape(6, 4, 7), w, bias, (1,), (0,), (1,), 1).reshape(2, 3, 5, 5)
         np.testing.assert_allclose(y.detach().numpy(), ref, rtol=1e-10, atol=1e-10)
     assert layer.top_shapes([shape, shape]) == [(2, 3, 5, 5)] * 2
-    gradcheck(layer, [a, b])
+    small = (2, 1, 2, 4)
+    layer = make("Convolution", 'convolution_param { num_output: 2 kernel_size: 3 axis: 2 '
+                 'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }', [small, small], ntop=2)
+    gradcheck(layer, [randn(*small), randn(*small)])
 
 
 @pytest.mark.parametrize(
@@ -409,7 +396,9 @@ def test_lrn_reference_and_gradcheck(region, size) -> None:
     x = randn(*shape)
     y = layer(torch.tensor(x)).numpy()
     np.testing.assert_allclose(y, ref_lrn(x, size, 0.75, 0.625, 1.5, region == "WITHIN_CHANNEL"), rtol=1e-10)
-    gradcheck(layer, [x], params=False)
+    small = (1, 6, 3, 3)
+    gradcheck(make("LRN", f"lrn_param {{ local_size: {size} alpha: 0.75 beta: 0.625 k: 1.5 norm_region: {region} }}",
+                   [small]), [randn(*small)], params=False)
 
 
 def test_lrn_defaults_and_errors() -> None:
