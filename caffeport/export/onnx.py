@@ -231,45 +231,106 @@ def caffe_ave_divisor(size: int, out: int, k: int, s: int, p: int) -> np.ndarray
     return (end - start).astype(np.int64)
 
 
-@converter("Pooling")
-def _pooling(L: OnnxLayer) -> None:
-    pp = L.param.pooling_param
-    if len(L.tops) > 1:
-        raise L.error("the MAX mask top has no ONNX form (export nets that use only the pooled top)")
-    if pp.pool == caffe_pb2.PoolingParameter.STOCHASTIC:
-        raise L.error("STOCHASTIC pooling has no ONNX form")
-    N, C, H, W = L.bottom_shapes[0]
-    oh, ow = L.top_shapes[0][2], L.top_shapes[0][3]
-    kernel, stride, pad = _pool_cfg(pp, H, W)
-    is_max = pp.pool == caffe_pb2.PoolingParameter.MAX
-    if pp.global_pooling or (kernel == [H, W] and pad == [0, 0] and (oh, ow) == (1, 1)):
-        L.out("GlobalMaxPool" if is_max else "GlobalAveragePool", [L.bottoms[0]])
-        return
+def caffe_pooled_size(size: int, k: int, s: int, p: int, ceil: bool = True) -> int:
+    """Caffe's pooled size along one axis (CEIL or FLOOR rounding; with padding the last window
+    may not start inside the padded image)."""
+    q = size + 2 * p - k
+    o = (-(-q // s) if ceil else q // s) + 1
+    if p and (o - 1) * s >= size + p:
+        o -= 1
+    return o
+
+
+def _emit_pool(L: OnnxLayer, x: str, in_hw: Sequence[int], out_hw: Sequence[int], kernel: list[int],
+               stride: list[int], pad: list[int], is_max: bool, last: Callable[..., str],
+               want_mask: bool = False) -> str:
+    """Nodes computing Caffe's pooling of ``x`` (N, C, H, W); the final node is made by ``last``
+    (``L.out`` or ``L.tmp``). With ``want_mask`` (MAX only) returns the ONNX value holding the
+    flat in-image indices (h * W + w) of each maximum, as float, like Caffe's mask top."""
+    H, W = in_hw
+    oh, ow = out_hw
+    if not want_mask and (kernel == [H, W] and pad == [0, 0] and (oh, ow) == (1, 1)):
+        return last("GlobalMaxPool" if is_max else "GlobalAveragePool", [x])
     # End pads that make floor rounding give Caffe's (ceil, clipped) output size exactly.
     end = [max(0, (o - 1) * s + k - n - p) for o, s, k, n, p in zip((oh, ow), stride, kernel, (H, W), pad)]
     begin = list(pad)
-    x = L.bottoms[0]
     fits = all(b < k and e < k for b, e, k in zip(begin, end, kernel))
-    if not fits and any(begin + end):  # pads >= kernel are not allowed on pool nodes: pad explicitly
+    padded = not fits and any(begin + end)
+    if padded:  # pads >= kernel are not allowed on pool nodes: pad explicitly
         value = -FLT_MAX if is_max else 0.0
         x = L.tmp("Pad", [x, L.ints("pads", [0, 0, *begin, 0, 0, *end]), L.const("pad_value", value)])
+        Hp, Wp = H + begin[0] + end[0], W + begin[1] + end[1]
         begin, end = [0, 0], [0, 0]
     attrs: dict[str, Any] = dict(kernel_shape=kernel, strides=stride, pads=begin + end)
     if is_max:
-        L.out("MaxPool", [x], **attrs)
-        return
+        if not want_mask:
+            return last("MaxPool", [x], **attrs)
+        y = last("MaxPool", [x], **attrs)
+        node = L.g.nodes[-1]
+        idx = L.g.fresh(f"{L.name}_argmax")
+        node.output.append(idx)
+        # ONNX indices run over the whole (N, C, H, W) input of the node: keep the in-plane part.
+        if not padded:
+            Hp, Wp = H, W
+        plane = L.tmp("Mod", [idx, L.const("plane", Hp * Wp, np.int64)])
+        if padded:  # indices into the padded plane: back to image coordinates
+            row = L.tmp("Div", [plane, L.const("wp", Wp, np.int64)])
+            col = L.tmp("Mod", [plane, L.const("wp2", Wp, np.int64)])
+            row = L.tmp("Sub", [row, L.const("pt", pad[0], np.int64)])
+            col = L.tmp("Sub", [col, L.const("pl", pad[1], np.int64)])
+            plane = L.tmp("Add", [L.tmp("Mul", [row, L.const("w", W, np.int64)]), col])
+        return plane
     dh = caffe_ave_divisor(H, oh, kernel[0], stride[0], pad[0])
     dw = caffe_ave_divisor(W, ow, kernel[1], stride[1], pad[1])
     div = dh[:, None] * dw[None, :]
     full = kernel[0] * kernel[1]
     if np.all(div == full):
-        L.out("AveragePool", [x], count_include_pad=1, **attrs)
-        return
+        return last("AveragePool", [x], count_include_pad=1, **attrs)
     # Every window lies inside the padded tensor, so the node divides by the full kernel; rescale to
     # Caffe's divisor (windows with no element at all, possible only without padding, give 0).
     mult = np.where(div > 0, full / np.maximum(div, 1), 0.0).astype(np.float32)
     y = L.tmp("AveragePool", [x], count_include_pad=1, **attrs)
-    L.out("Mul", [y, L.const("divisor_fix", mult.reshape(1, 1, oh, ow))])
+    return last("Mul", [y, L.const("divisor_fix", mult.reshape(1, 1, oh, ow))])
+
+
+@converter("Pooling")
+def _pooling(L: OnnxLayer) -> None:
+    pp = L.param.pooling_param
+    if pp.pool == caffe_pb2.PoolingParameter.STOCHASTIC:
+        raise L.error("STOCHASTIC pooling has no ONNX form (random in TRAIN; TEST weighs by activation)")
+    N, C, H, W = L.bottom_shapes[0]
+    oh, ow = L.top_shapes[0][2], L.top_shapes[0][3]
+    kernel, stride, pad = _pool_cfg(pp, H, W)
+    is_max = pp.pool == caffe_pb2.PoolingParameter.MAX
+    if len(L.tops) > 1:
+        if not is_max:
+            raise L.error("a second top exists only for MAX pooling")
+        idx = _emit_pool(L, L.bottoms[0], (H, W), (oh, ow), kernel, stride, pad, True, L.out, want_mask=True)
+        L.out("Cast", [idx], 1, to=_onnx().TensorProto.FLOAT)
+        return
+    _emit_pool(L, L.bottoms[0], (H, W), (oh, ow), kernel, stride, pad, is_max, L.out)
+
+
+@converter("SPP")
+def _spp(L: OnnxLayer) -> None:
+    sp = L.param.spp_param
+    if sp.pool == caffe_pb2.SPPParameter.STOCHASTIC:
+        raise L.error("STOCHASTIC pooling has no ONNX form")
+    is_max = sp.pool == caffe_pb2.SPPParameter.MAX
+    N, C, H, W = L.bottom_shapes[0]
+    height = int(sp.pyramid_height)
+    levels = []
+    for lvl in range(height):
+        bins = 2**lvl
+        kh, kw = -(-H // bins), -(-W // bins)
+        ph, pw = (kh * bins - H + 1) // 2, (kw * bins - W + 1) // 2
+        oh, ow = caffe_pooled_size(H, kh, kh, ph), caffe_pooled_size(W, kw, kw, pw)
+        last = L.out if height == 1 else L.tmp
+        y = _emit_pool(L, L.bottoms[0], (H, W), (oh, ow), [kh, kw], [kh, kw], [ph, pw], is_max, last)
+        if height == 1:
+            return
+        levels.append(L.tmp("Flatten", [y], axis=1))
+    L.out("Concat", levels, axis=1)
 
 
 @converter("LRN")
@@ -451,18 +512,175 @@ def _shuffle_channel(L: OnnxLayer) -> None:
 
 @converter("ArgMax")
 def _argmax(L: OnnxLayer) -> None:
+    """Caffe sorts (value, index) pairs descending, so equal values give the LARGER index first:
+    ArgMax with select_last_index for top 1, else TopK (which prefers the lower index) on the
+    reversed axis."""
     ap = L.param.argmax_param
-    if ap.top_k != 1 or ap.out_max_val:
-        raise L.error("only top_k: 1 without out_max_val has an ONNX form")
     x = L.bottoms[0]
     shape = L.bottom_shapes[0]
+    k = int(ap.top_k)
     if ap.HasField("axis"):
-        idx = L.tmp("ArgMax", [x], axis=_axis(ap.axis, len(shape)), keepdims=1, select_last_index=1)
-    else:  # over everything after the batch axis, top shaped (N, 1, 1)
-        flat = L.tmp("Flatten", [x], axis=1)
-        idx = L.tmp("ArgMax", [flat], axis=1, keepdims=1, select_last_index=1)
-        idx = L.tmp("Unsqueeze", [idx, L.ints("axes", [2])])
-    L.out("Cast", [idx], to=_onnx().TensorProto.FLOAT)
+        ax = _axis(ap.axis, len(shape))
+        n = shape[ax]
+    else:  # over everything after the batch axis
+        x = L.tmp("Flatten", [x], axis=1)
+        ax, n = 1, int(np.prod(shape[1:]))
+    fl = _onnx().TensorProto.FLOAT
+    if k == 1 and not ap.out_max_val:
+        idx = L.tmp("ArgMax", [x], axis=ax, keepdims=1, select_last_index=1)
+        vals = None
+    else:
+        rev = L.tmp("Slice", [x, L.ints("rev_starts", [-1]), L.ints("rev_ends", [-(2**63)]),
+                              L.ints("rev_axes", [ax]), L.ints("rev_steps", [-1])])
+        vals = L.tmp("TopK", [rev, L.ints("k", [k])], axis=ax, largest=1, sorted=1, n_out=2)
+        ridx = L.g.nodes[-1].output[1]
+        idx = L.tmp("Sub", [L.const("last", n - 1, np.int64), ridx])
+    if ap.HasField("axis"):
+        if ap.out_max_val:
+            L.out("Identity", [vals])
+        else:
+            L.out("Cast", [idx], to=fl)
+        return
+    top = [int(d) for d in L.top_shapes[0]]
+    fidx = L.tmp("Unsqueeze", [L.tmp("Cast", [idx], to=fl), L.ints("ax1", [1])])  # (N, 1, k)
+    if ap.out_max_val:
+        fidx = L.tmp("Concat", [fidx, L.tmp("Unsqueeze", [vals, L.ints("ax1v", [1])])], axis=1)
+    L.out("Reshape", [fidx, L.ints("top_shape", [0, *top[1:]])])
+
+
+@converter("Tile")
+def _tile(L: OnnxLayer) -> None:
+    tp = L.param.tile_param
+    shape = L.bottom_shapes[0]
+    reps = [1] * len(shape)
+    reps[_axis(tp.axis, len(shape))] = int(tp.tiles)
+    L.out("Tile", [L.bottoms[0], L.ints("repeats", reps)])
+
+
+@converter("Reduction")
+def _reduction(L: OnnxLayer) -> None:
+    """All axes from ``axis`` on are reduced (top shape ``bottom.shape[:axis]``), times coeff;
+    MEAN is SUM times coeff / count, as Caffe scales it."""
+    rp = L.param.reduction_param
+    R = caffe_pb2.ReductionParameter
+    shape = L.bottom_shapes[0]
+    axis = _axis(rp.axis, len(shape)) if shape else 0
+    x = L.tmp("Reshape", [L.bottoms[0], L.ints("rows", [0] * axis + [-1])])
+    op = {R.SUM: "ReduceSum", R.MEAN: "ReduceSum", R.ASUM: "ReduceL1", R.SUMSQ: "ReduceSumSquare"}.get(rp.operation)
+    if op is None:
+        raise L.error(f"unknown reduction operation {rp.operation}")
+    coeff = float(rp.coeff)
+    if rp.operation == R.MEAN:
+        coeff = coeff / max(int(np.prod(shape[axis:])), 1)
+    if coeff == 1.0:
+        y = L.g.reduce(op, x, [axis], L.name, keepdims=0)
+        L.out("Identity", [y])
+        return
+    y = L.g.reduce(op, x, [axis], L.name, keepdims=0)
+    L.out("Mul", [y, L.const("coeff", coeff)])
+
+
+@converter("Embed")
+def _embed(L: OnnxLayer) -> None:
+    """Caffe truncates the float index (static_cast<int>), as ONNX Cast does."""
+    idx = L.tmp("Cast", [L.bottoms[0]], to=_onnx().TensorProto.INT64)
+    if L.param.embed_param.bias_term and len(L.blobs) > 1:
+        y = L.tmp("Gather", [L.const("weight", L.blobs[0]), idx], axis=0)
+        L.out("Add", [y, L.const("bias", L.blobs[1].reshape(-1))])
+    else:
+        L.out("Gather", [L.const("weight", L.blobs[0]), idx], axis=0)
+
+
+@converter("BatchReindex")
+def _batch_reindex(L: OnnxLayer) -> None:
+    idx = L.tmp("Cast", [L.bottoms[1]], to=_onnx().TensorProto.INT64)
+    L.out("Gather", [L.bottoms[0], idx], axis=0)
+
+
+@converter("Parameter")
+def _parameter(L: OnnxLayer) -> None:
+    L.out("Identity", [L.const("value", L.blobs[0])])
+
+
+@converter("MVN")
+def _mvn(L: OnnxLayer) -> None:
+    """Per row (item, or item and channel): x - mean, and with normalize_variance divided by
+    sqrt(mean((x - mean)^2)) + eps (eps on the standard deviation, as Caffe)."""
+    mp = L.param.mvn_param
+    shape = L.bottom_shapes[0]
+    lead = 1 if (mp.across_channels or len(shape) < 2) else 2
+    xr = L.tmp("Reshape", [L.bottoms[0], L.ints("rows", [0] * lead + [-1])])
+    mean = L.g.reduce("ReduceMean", xr, [lead], f"{L.name}_mean")
+    c = L.tmp("Sub", [xr, mean])
+    if mp.normalize_variance:
+        var = L.g.reduce("ReduceMean", L.tmp("Mul", [c, c]), [lead], f"{L.name}_var")
+        denom = L.tmp("Add", [L.tmp("Sqrt", [var]), L.const("eps", mp.eps)])
+        c = L.tmp("Div", [c, denom])
+    L.out("Reshape", [c, L.ints("shape", [0, *[int(d) for d in shape[1:]]])])
+
+
+@converter("Im2col")
+def _im2col(L: OnnxLayer) -> None:
+    """A grouped convolution with one-hot kernels: output channel c*K + (k1, k2, ...) copies input
+    channel c at that kernel offset (Caffe's channel-major im2col rows); exact (x*1 + 0s)."""
+    cp = L.param.convolution_param
+    shape = L.bottom_shapes[0]
+    if _axis(cp.axis, len(shape)) != 1:
+        raise L.error(f"im2col over axis {cp.axis} has no ONNX form (only axis 1)")
+    n = len(shape) - 2
+    kernel = _spatial(cp.kernel_size, cp.kernel_h, cp.kernel_w, cp.HasField("kernel_h"), n, 0)
+    stride, pad, dil = _conv_geometry(L, n)
+    C = shape[1]
+    K = int(np.prod(kernel))
+    eye = np.eye(K, dtype=np.float32).reshape(K, 1, *kernel)
+    w = np.tile(eye, (C,) + (1,) * (n + 1))
+    L.out("Conv", [L.bottoms[0], L.const("onehot", w)], kernel_shape=kernel, strides=stride, pads=pad + pad,
+          dilations=dil, group=C)
+
+
+def _interp_axis(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """caffe_cpu_interp2 along one axis, in float32: ratio (in-1)/(out-1) (0 for out 1), source
+    index int(ratio*i) with its fraction as weight, the next index clamped at the edge."""
+    f32 = np.float32
+    r = f32(f32(size_in - 1) / f32(size_out - 1)) if size_out > 1 else f32(0)
+    pos = (r * np.arange(size_out, dtype=f32)).astype(f32)
+    i0 = pos.astype(np.int64)
+    i1 = i0 + (i0 < size_in - 1)
+    lam1 = (pos - i0.astype(f32)).astype(f32)
+    return i0, i1, (f32(1) - lam1).astype(f32), lam1
+
+
+@converter("Interp")
+def _interp(L: OnnxLayer) -> None:
+    """Bilinear resize as the fork computes it (aligned corners, float32 ratio): row/column Gathers
+    and the same weighted sums, after the pad_beg/pad_end crop."""
+    ip = L.param.interp_param
+    N, C, H, W = L.bottom_shapes[0]
+    oh, ow = L.top_shapes[0][2], L.top_shapes[0][3]
+    pb, pe = int(ip.pad_beg), int(ip.pad_end)
+    he, we = H + pb + pe, W + pb + pe
+    x = L.bottoms[0]
+    if pb or pe:
+        x = L.tmp("Slice", [x, L.ints("starts", [-pb, -pb]), L.ints("ends", [-pb + he, -pb + we]),
+                            L.ints("axes", [2, 3])])
+    if (he, we) == (oh, ow):
+        L.out("Identity", [x])
+        return
+    h0, h1, hl0, hl1 = _interp_axis(he, oh)
+    w0, w1, wl0, wl1 = _interp_axis(we, ow)
+    r0 = L.tmp("Gather", [x, L.const("h0", h0, np.int64)], axis=2)
+    r1 = L.tmp("Gather", [x, L.const("h1", h1, np.int64)], axis=2)
+    ci0, ci1 = L.const("w0", w0, np.int64), L.const("w1", w1, np.int64)
+    cw0, cw1 = L.const("wl0", wl0.reshape(1, 1, 1, -1)), L.const("wl1", wl1.reshape(1, 1, 1, -1))
+
+    def row(r: str) -> str:
+        a = L.tmp("Mul", [cw0, L.tmp("Gather", [r, ci0], axis=3)])
+        b = L.tmp("Mul", [cw1, L.tmp("Gather", [r, ci1], axis=3)])
+        return L.tmp("Add", [a, b])
+
+    top = L.tmp("Mul", [L.const("hl0", hl0.reshape(1, 1, -1, 1)), row(r0)])
+    bot = L.tmp("Mul", [L.const("hl1", hl1.reshape(1, 1, -1, 1)), row(r1)])
+    L.out("Add", [top, bot])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,6 +867,40 @@ def _batch_norm(L: OnnxLayer) -> None:
     L.out("Div", [centred, L.const("std", std.reshape(bshape))])
 
 
+@converter("LSTMUnit")
+def _lstm_unit(L: OnnxLayer) -> None:
+    """One LSTM step, element-wise as Caffe: gates i, f, o, g from x's four slices; the forget gate
+    is cont * sigmoid(x_f), and exactly 0 where cont is 0."""
+    c_prev, x, cont = L.bottoms
+    D = L.bottom_shapes[0][-1]
+    split = L.ints("split", [D] * 4)
+    xi = L.tmp("Split", [x, split], axis=-1, n_out=4)
+    xf, xo, xg = L.g.nodes[-1].output[1:4]
+    i = L.tmp("Sigmoid", [xi])
+    o = L.tmp("Sigmoid", [xo])
+    g = L.tmp("Tanh", [xg])
+    cc = L.tmp("Unsqueeze", [cont, L.ints("axes", [len(L.bottom_shapes[1]) - 1])])
+    f = L.tmp("Where", [L.tmp("Equal", [cc, L.const("zero", 0.0)]), L.const("zero_f", 0.0),
+                        L.tmp("Mul", [cc, L.tmp("Sigmoid", [xf])])])
+    c = L.out("Add", [L.tmp("Mul", [f, c_prev]), L.tmp("Mul", [i, g])], 0)
+    L.out("Mul", [o, L.tmp("Tanh", [c])], 1)
+
+
+@converter("BN")
+def _bn(L: OnnxLayer) -> None:
+    """PSPNet's BN at inference: slope * (x - mean) * (var + eps)^-0.5 + bias with the stored
+    statistics (the fork uses them in TEST, and whenever frozen)."""
+    shape = L.bottom_shapes[0]
+    C = shape[1]
+    bshape = (1, C) + (1,) * (len(shape) - 2)
+    slope, bias, mean, var = (b.reshape(-1).astype(np.float32) for b in L.blobs[:4])
+    inv_std = np.power(var + np.float32(L.param.bn_param.eps), np.float32(-0.5)).astype(np.float32)
+    y = L.tmp("Sub", [L.bottoms[0], L.const("mean", mean.reshape(bshape))])
+    y = L.tmp("Mul", [y, L.const("inv_std", inv_std.reshape(bshape))])
+    y = L.tmp("Mul", [y, L.const("slope", slope.reshape(bshape))])
+    L.out("Add", [y, L.const("bias", bias.reshape(bshape))])
+
+
 @converter("Normalize")
 def _normalize(L: OnnxLayer) -> None:
     npm = L.param.norm_param
@@ -691,6 +943,20 @@ class OnnxExport:
     checks: list[str] = field(default_factory=list)
 
 
+NO_FORM_REASONS = {
+    "DetectionOutput": "SSD's decoding + per-class NMS (ApplyNMSFast: top_k before NMS, adaptive eta, "
+                       "keep_top_k over all classes, a variable-length (1, 1, K, 7) top) has no ONNX form; "
+                       "ONNX NonMaxSuppression orders, limits and lays out its results differently",
+    "ROIPooling": "onnxruntime's MaxRoiPool starts every bin's max at FLT_MIN (the smallest positive float), "
+                  "not -FLT_MAX, so bins whose values are all <= 0 differ from Caffe",
+    "LSTM": "Caffe's recurrent layers reset the state per step from the cont input; ONNX LSTM/RNN cannot",
+    "RNN": "Caffe's recurrent layers reset the state per step from the cont input; ONNX LSTM/RNN cannot",
+    "Python": "a Python layer runs arbitrary code",
+    "Filter": "the top's batch size depends on the selector's values",
+    "Accuracy": "an evaluation layer, not part of a deploy net",
+}
+
+
 def unsupported_layers(net: Any) -> list[str]:
     """'name (Type)' for every layer of ``net`` that has no ONNX form."""
     bad = []
@@ -701,6 +967,11 @@ def unsupported_layers(net: Any) -> list[str]:
         if layer.is_data or layer.is_loss or t not in CONVERTERS:
             bad.append(f"'{layer.name}' ({t})")
     return bad
+
+
+def unsupported_types(net: Any) -> set[str]:
+    """The Caffe types of the layers :func:`unsupported_layers` names."""
+    return {b.rsplit("(", 1)[1].rstrip(")") for b in unsupported_layers(net)}
 
 
 def net_to_onnx(net: Any, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False,
@@ -717,6 +988,7 @@ def net_to_onnx(net: Any, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = F
     if bad:
         raise NoOnnxForm(
             f"{net.source}: these layers have no ONNX form: {', '.join(bad)}"
+            + "".join(f"; {t}: {NO_FORM_REASONS[t]}" for t in sorted(unsupported_types(net)) if t in NO_FORM_REASONS)
             + (" (derive a deploy net first: caffeport deploy)" if any(
                 lay.is_data or lay.is_loss for lay in net.layers) else "")
         )
