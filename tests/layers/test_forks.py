@@ -3,8 +3,7 @@ references, parameter checks, every corpus deploy net that uses these types, and
 against OpenCV's dnn Caffe importer (an independent implementation of the SSD layers).
 
 The OpenCV comparisons need an OpenCV whose dnn module still reads Caffe files (4.x; OpenCV 5
-dropped ``readNetFromCaffe``); they are skipped otherwise (put an OpenCV 4 wheel's folder first on
-PYTHONPATH to run them).
+dropped ``readNetFromCaffe``): requirements-dev.txt pins one, and the tests fail without it.
 """
 
 from __future__ import annotations
@@ -684,16 +683,17 @@ def test_corpus_deploy_nets_build(path: Path) -> None:
 
 
 def test_corpus_has_fork_nets() -> None:
-    if not CORPUS.is_dir():
-        pytest.skip("shared corpus not present")
+    assert CORPUS.is_dir(), f"shared corpus not found at {CORPUS}"
     deploy = [p for p in _corpus_nets() if _is_deploy(p)]
     assert len(deploy) >= 10
 
 
 def _cv2_caffe():
-    cv2 = pytest.importorskip("cv2")
-    if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
-        pytest.skip(f"OpenCV {cv2.__version__} has no Caffe importer (OpenCV 5 dropped it)")
+    import cv2
+
+    assert hasattr(cv2, "dnn") and hasattr(cv2.dnn, "readNetFromCaffe"), (
+        f"OpenCV {cv2.__version__} has no Caffe importer (OpenCV 5 dropped it): install requirements-dev.txt"
+    )
     return cv2
 
 
@@ -751,8 +751,7 @@ REAL_SSD = [
 
 @pytest.mark.parametrize("proto,model", REAL_SSD, ids=lambda p: p.stem)
 def test_real_ssd_nets_match_opencv(proto: Path, model: Path, tmp_path: Path) -> None:
-    if not model.exists():
-        pytest.skip("corpus caffemodel not present")
+    assert model.exists(), f"{model} is missing from the corpus"
     _compare_with_opencv(proto, model, tmp_path)
 
 
