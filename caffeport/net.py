@@ -58,7 +58,7 @@ def _read_net(model: PathLike | caffe_pb2.NetParameter) -> tuple[caffe_pb2.NetPa
 class _Plan:
     """One instantiated layer and its wiring."""
 
-    __slots__ = ("layer", "bottoms", "tops", "loss_weights", "detach")
+    __slots__ = ("layer", "bottoms", "tops", "loss_weights", "detach", "inplace")
 
     def __init__(self, layer: Layer, bottoms: list[str], tops: list[str], loss_weights: list[float],
                  detach: list[bool]):
@@ -67,6 +67,7 @@ class _Plan:
         self.tops = tops
         self.loss_weights = loss_weights
         self.detach = detach
+        self.inplace = layer.can_run_inplace and len(bottoms) == 1 and tops == bottoms
 
 
 class NetModule(nn.Module):
@@ -98,6 +99,11 @@ class NetModule(nn.Module):
                         raise CaffeportError(f"net input '{t}' was not given")
                     table[t] = feeds[t]
                 continue
+            if plan.inplace and not torch.is_grad_enabled():
+                x = table[plan.bottoms[0]]
+                if _private(x, table, feeds):
+                    table[plan.tops[0]] = layer.forward_inplace(x)
+                    continue
             ins = []
             for b, det in zip(plan.bottoms, plan.detach):
                 x = table[b]
@@ -122,6 +128,15 @@ class NetModule(nn.Module):
         feeds.update(kwargs)
         table = self.run(feeds)
         return {name: table[name] for name in self.output_names}
+
+
+def _private(x: torch.Tensor, table: Mapping[str, torch.Tensor], feeds: Mapping[str, torch.Tensor]) -> bool:
+    """True when overwriting ``x`` can change no other blob, parameter or caller's tensor."""
+    if x._base is not None or isinstance(x, nn.Parameter):
+        return False
+    if any(f is x for f in feeds.values()):
+        return False
+    return sum(1 for v in table.values() if v is x) == 1
 
 
 class Blob(LegacyShape):

@@ -119,6 +119,9 @@ class Layer(nn.Module):
     max_tops: ClassVar[int | None] = None
     # Bottom indices that can never receive a gradient (labels, indices, selectors).
     no_grad_bottoms: ClassVar[tuple[int, ...]] = ()
+    # The layer offers ``forward_inplace(x)``, which the net uses for in-place layers (top == bottom)
+    # when no gradient is recorded and nothing else holds the bottom's storage (saves a copy).
+    can_run_inplace: ClassVar[bool] = False
 
     def __init__(self, param: caffe_pb2.LayerParameter, bottom_shapes: Sequence[Shape], ctx: BuildContext):
         super().__init__()
@@ -139,6 +142,10 @@ class Layer(nn.Module):
         return None
 
     def forward(self, *bottoms: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``x`` with the top (only when ``can_run_inplace``)."""
         raise NotImplementedError
 
     # --- helpers ---------------------------------------------------------------------------------

@@ -268,6 +268,8 @@ class PReLU(_Neuron):
 class ReLU(_Neuron):
     """``max(x, 0) + negative_slope min(x, 0)``; the gradient at x == 0 is ``negative_slope``."""
 
+    can_run_inplace = True
+
     def setup(self, bottom_shapes: list[Shape]) -> None:
         self.slope = float(self.param.relu_param.negative_slope)
 
@@ -275,6 +277,11 @@ class ReLU(_Neuron):
         if self.slope == 0.0:
             return F.relu(x)
         return F.leaky_relu(x, self.slope)
+
+    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slope == 0.0:
+            return F.relu_(x)
+        return F.leaky_relu_(x, self.slope)
 
 
 @register("Sigmoid")
