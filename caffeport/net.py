@@ -649,10 +649,20 @@ class Net:
         return out
 
     def save(self, path: PathLike) -> None:
-        """Write the weights as a binary .caffemodel (atomically: temp file, then rename)."""
+        """Write the net with its weights as a binary .caffemodel (``.h5``: Caffe's HDF5 layout),
+        atomically: temp file, then rename."""
         from caffeport.io import save_caffemodel
+        from caffeport.io.blobs import atomic_write, encode_net_with_blobs
 
-        save_caffemodel(self.to_proto(), path)
+        if str(path).lower().endswith((".h5", ".hdf5")):
+            save_caffemodel(self.state_blobs(), path)
+            return
+        layers = caffe_pb2.NetParameter()
+        layers.CopyFrom(self.net_param)
+        del layers.layer[:]
+        for p in self._plans:
+            layers.layer.add().CopyFrom(p.layer.param)
+        atomic_write(path, encode_net_with_blobs(layers, [p.layer.dump_blobs() for p in self._plans]))
 
     def layer_by_name(self, name: str) -> Layer:
         if name not in self.layer_dict:

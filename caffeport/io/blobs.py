@@ -360,6 +360,26 @@ def encode_net_blobs(weights: Mapping[str, Sequence[np.ndarray]], name: str = ""
     return chunks
 
 
+def encode_net_with_blobs(net: caffe_pb2.NetParameter, blobs: Sequence[Sequence[np.ndarray]]) -> list[bytes]:
+    """Binary NetParameter chunks: ``net`` (its layers' own ``blobs`` ignored) with ``blobs[i]``
+    appended to layer i as packed float32 BlobProtos, without copying weights through protobuf
+    messages (what Caffe's ``Net::ToProto`` + ``WriteProtoToBinaryFile`` produce, field order aside)."""
+    head = caffe_pb2.NetParameter()
+    head.CopyFrom(net)
+    del head.layer[:]
+    chunks: list[bytes] = [head.SerializeToString()]
+    for lp, arrays in zip(net.layer, blobs):
+        bare = caffe_pb2.LayerParameter()
+        bare.CopyFrom(lp)
+        del bare.blobs[:]
+        inner: list[bytes] = [bare.SerializeToString()]
+        for a in arrays:
+            inner.extend(_blob_field(7, np.asarray(a)))
+        chunks.append(_enc_len(100, sum(len(c) for c in inner)))
+        chunks.extend(inner)
+    return chunks
+
+
 # --------------------------------------------------------------------------------------------------
 # public API: caffemodels
 # --------------------------------------------------------------------------------------------------
