@@ -113,6 +113,12 @@ def randomize_weights(net: Any, seed: int = 0) -> None:
                 blobs[1].copy_(torch.rand(blobs[1].shape, generator=g) + 0.5)
                 blobs[2].fill_(1.0)
                 continue
+            if layer.param.type == "BN" and len(blobs) == 4:  # PSPNet: slope, bias, mean, variance
+                blobs[0].copy_(torch.randn(blobs[0].shape, generator=g) * 0.1 + 1.0)
+                blobs[1].copy_(torch.randn(blobs[1].shape, generator=g) * 0.1)
+                blobs[2].copy_(torch.randn(blobs[2].shape, generator=g) * 0.5)
+                blobs[3].copy_(torch.rand(blobs[3].shape, generator=g) + 0.5)
+                continue
             for p in blobs:
                 if p.dim() >= 2:
                     fan_in = int(np.prod(p.shape[1:]))
