@@ -12,6 +12,7 @@ from google.protobuf import text_format
 from caffeport.errors import CaffeportError
 from caffeport.layers.base import TEST, TRAIN, BuildContext, Layer, layer_class
 from caffeport.proto import caffe_pb2
+from tests.layers.helpers import fd_check
 
 
 def build(text: str, shapes: list[tuple[int, ...]], phase: int = TEST, n_top: int = 1) -> Layer:
@@ -21,46 +22,6 @@ def build(text: str, shapes: list[tuple[int, ...]], phase: int = TEST, n_top: in
     cls = layer_class(lp.type)
     assert cls is not None, lp.type
     return cls(lp, shapes, BuildContext(phase=phase))
-
-
-def fd_check(layer: Layer, inputs: list[torch.Tensor], check: tuple[int, ...] | None = None,
-             step: float = 1e-6, atol: float = 1e-6, rtol: float = 1e-5, seed: int = 0) -> None:
-    """Autograd gradients of ``sum(w * top)`` (random w) w.r.t. the checked inputs and every
-    learnable blob against central finite differences, in float64."""
-    layer = layer.double()
-    check = tuple(range(len(inputs))) if check is None else check
-    xs = [x.detach().double().clone().requires_grad_(i in check) for i, x in enumerate(inputs)]
-    gen = torch.Generator().manual_seed(seed)
-
-    def tops() -> tuple[torch.Tensor, ...]:
-        out = layer(*xs)
-        return (out,) if isinstance(out, torch.Tensor) else tuple(out)
-
-    ws = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in tops()]
-
-    def objective() -> torch.Tensor:
-        return sum((o * w).sum() for o, w in zip(tops(), ws))
-
-    params = [p for p in layer.blobs if p.requires_grad]
-    for p in params:
-        p.grad = None
-    objective().backward()
-    targets = [xs[i] for i in check] + params
-    assert targets, "nothing to check"
-    analytic = [t.grad.clone() if t.grad is not None else torch.zeros_like(t) for t in targets]
-    for t, a in zip(targets, analytic):
-        flat = t.data.view(-1)
-        num = torch.empty_like(flat)
-        with torch.no_grad():
-            for i in range(flat.numel()):
-                orig = float(flat[i])
-                flat[i] = orig + step
-                fp = float(objective())
-                flat[i] = orig - step
-                fm = float(objective())
-                flat[i] = orig
-                num[i] = (fp - fm) / (2 * step)
-        np.testing.assert_allclose(a.reshape(-1).numpy(), num.numpy(), atol=atol, rtol=rtol)
 
 
 def randn(*shape: int, seed: int = 1) -> torch.Tensor:

@@ -6,26 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from caffeport.errors import CaffeportError
-from caffeport.layers.base import TEST, BuildContext, layer_class
 from caffeport.proto import caffe_pb2
+from tests.layers.helpers import make
 
 RNG = np.random.default_rng(1234)
-
-
-def make(type_name: str, params: str, bottom_shapes, ntop: int = 1, root=None):
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge(params, lp)
-    lp.name = "L"
-    lp.type = type_name
-    for i in range(len(bottom_shapes)):
-        lp.bottom.append(f"b{i}")
-    for i in range(ntop):
-        lp.top.append(f"t{i}")
-    ctx = BuildContext(phase=TEST, root=root) if root is not None else BuildContext(phase=TEST)
-    return layer_class(type_name)(lp, [tuple(s) for s in bottom_shapes], ctx)
 
 
 def t64(a, grad=False):

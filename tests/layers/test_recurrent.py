@@ -6,23 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from caffeport.errors import CaffeportError
-from caffeport.layers.base import TEST, BuildContext, layer_class
-from caffeport.proto import caffe_pb2
+from tests.layers.helpers import make
 
 RNG = np.random.default_rng(7)
-
-
-def make(type_name: str, params: str, bottom_shapes, ntop: int = 1):
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge(params, lp)
-    lp.name = "R"
-    lp.type = type_name
-    lp.bottom.extend(f"b{i}" for i in range(len(bottom_shapes)))
-    lp.top.extend(f"t{i}" for i in range(ntop))
-    return layer_class(type_name)(lp, [tuple(s) for s in bottom_shapes], BuildContext(phase=TEST))
 
 
 def randomize(layer, scale=0.5):

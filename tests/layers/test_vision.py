@@ -10,26 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 from caffeport.errors import CaffeportError
-from caffeport.layers.base import TEST, TRAIN, BuildContext, layer_class
-from caffeport.proto import caffe_pb2
+from caffeport.layers.base import TRAIN
+from tests.layers.helpers import make
 
 RNG = np.random.default_rng(7)
 FLT_MAX = float(np.finfo(np.float32).max)
-
-
-def make(type_name: str, params: str, bottom_shapes, ntop: int = 1, phase: int = TEST):
-    lp = caffe_pb2.LayerParameter()
-    text_format.Merge(params, lp)
-    lp.name = "L"
-    lp.type = type_name
-    for i in range(len(bottom_shapes)):
-        lp.bottom.append(f"b{i}")
-    for i in range(ntop):
-        lp.top.append(f"t{i}")
-    return layer_class(type_name)(lp, [tuple(s) for s in bottom_shapes], BuildContext(phase=phase))
 
 
 def randn(*shape) -> np.ndarray:
