@@ -28,41 +28,14 @@ import numpy as np
 from caffeport.errors import CaffeportError
 from caffeport.proto import caffe_pb2
 
-__all__ = ["DataTransformer", "read_mean_file", "blobproto_to_array"]
-
-
-def blobproto_to_array(bp: caffe_pb2.BlobProto) -> np.ndarray:
-    """A BlobProto's values as float32 with its shape (``shape`` if set, else legacy N,C,H,W)."""
-    if bp.HasField("shape"):
-        shape = tuple(int(d) for d in bp.shape.dim)
-    else:
-        shape = (int(bp.num), int(bp.channels), int(bp.height), int(bp.width))
-    if len(bp.data):
-        vals = np.asarray(bp.data, dtype=np.float32)
-    else:
-        vals = np.asarray(bp.double_data, dtype=np.float64).astype(np.float32)
-    n = int(np.prod(shape)) if shape else 0
-    if vals.size != n:
-        raise CaffeportError(f"BlobProto has {vals.size} values for shape {shape}")
-    return vals.reshape(shape)
+__all__ = ["DataTransformer", "read_mean_file"]
 
 
 def read_mean_file(path: str | Path) -> np.ndarray:
-    """The mean blob of a ``.binaryproto`` file as float32, with the blob's own shape (usually 1,C,H,W)."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise CaffeportError(f"cannot read mean file '{p}': {e.strerror}") from None
-    bp = caffe_pb2.BlobProto()
-    try:
-        bp.ParseFromString(raw)
-    except Exception as e:
-        raise CaffeportError(f"mean file '{p}' is not a binary BlobProto ({e})") from None
-    try:
-        return blobproto_to_array(bp)
-    except CaffeportError as e:
-        raise CaffeportError(f"mean file '{p}': {e}") from None
+    """The mean blob of a ``.binaryproto`` file as float32 (C,H,W; a leading num of 1 dropped)."""
+    from caffeport.io import read_blobproto
+
+    return read_blobproto(path)
 
 
 def _legacy_chw(shape: tuple[int, ...]) -> tuple[int, int, int]:

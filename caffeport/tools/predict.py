@@ -43,27 +43,12 @@ class Prediction:
 def read_mean_image(path: str | os.PathLike[str]) -> np.ndarray:
     """A ``mean.binaryproto`` as a (C,H,W) float32 array (the tutorial reshapes the legacy
     ``channels/height/width``; blobs written with ``shape`` are accepted too)."""
-    from caffeport.proto import caffe_pb2
+    from caffeport.io import read_blobproto
 
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise CaffeportError(f"cannot read mean file '{p}': {e.strerror}") from None
-    bp = caffe_pb2.BlobProto()
-    try:
-        bp.ParseFromString(raw)
-    except Exception as e:  # protobuf DecodeError
-        raise CaffeportError(f"mean file '{p}' is not a BlobProto ({e})") from None
-    dims = [int(d) for d in bp.shape.dim] if bp.HasField("shape") else [bp.num, bp.channels, bp.height, bp.width]
-    vals = np.asarray(bp.data if len(bp.data) else bp.double_data, dtype=np.float32)
-    if int(np.prod(dims)) != vals.size:
-        raise CaffeportError(f"mean file '{p}': {vals.size} values for shape {tuple(dims)}")
-    if len(dims) == 4 and dims[0] == 1:
-        dims = dims[1:]
-    if len(dims) != 3:
-        raise CaffeportError(f"mean file '{p}': expected a (1,)C,H,W mean image, got shape {tuple(dims)}")
-    return vals.reshape(dims)
+    arr = read_blobproto(path)
+    if arr.ndim != 3:
+        raise CaffeportError(f"mean file '{path}': expected a (1,)C,H,W mean image, got shape {arr.shape}")
+    return arr
 
 
 def preprocess(img_bgr: np.ndarray, mean: np.ndarray | None, width: int, height: int) -> np.ndarray:
