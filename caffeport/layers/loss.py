@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caffeport.errors import CaffeportError
 from caffeport.layers.base import Layer, Shape, register, run_function
 from caffeport.proto import caffe_pb2
 
@@ -259,21 +260,12 @@ class MultinomialLogisticLoss(_LossLayer):
 
 
 def _read_blobproto(path: Path, layer: Layer) -> np.ndarray:
-    if not path.exists():
-        raise layer.error(f"infogain_loss_param.source: file not found: {path}")
-    bp = caffe_pb2.BlobProto()
+    from caffeport.io import read_blobproto
+
     try:
-        bp.ParseFromString(path.read_bytes())
-    except Exception as e:  # protobuf DecodeError
-        raise layer.error(f"infogain_loss_param.source: {path} is not a binary BlobProto ({e})") from None
-    if bp.HasField("shape"):
-        shape = tuple(int(d) for d in bp.shape.dim)
-    else:
-        shape = (bp.num, bp.channels, bp.height, bp.width)
-    vals = np.asarray(bp.double_data if len(bp.double_data) else bp.data, dtype=np.float32)
-    if vals.size != math.prod(shape):
-        raise layer.error(f"infogain_loss_param.source: {path} holds {vals.size} values for shape {shape}")
-    return vals.reshape(shape)
+        return read_blobproto(path)
+    except CaffeportError as e:
+        raise layer.error(f"infogain_loss_param.source: {e}") from None
 
 
 class _InfogainFn(torch.autograd.Function):
