@@ -10,24 +10,13 @@ size as the first.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
 from caffeport.errors import CaffeportError
 from caffeport.io.lmdb_store import datum_to_array, open_reader, parse_datum
-from caffeport.proto import caffe_pb2
 
-__all__ = ["compute_image_mean", "mean_to_blobproto", "channel_means"]
-
-
-def mean_to_blobproto(mean: np.ndarray) -> caffe_pb2.BlobProto:
-    """A (C,H,W) float32 mean as a legacy-shaped BlobProto (num=1, channels, height, width)."""
-    c, h, w = mean.shape
-    bp = caffe_pb2.BlobProto()
-    bp.num, bp.channels, bp.height, bp.width = 1, int(c), int(h), int(w)
-    bp.data.extend(np.asarray(mean, dtype=np.float32).ravel().tolist())
-    return bp
+__all__ = ["compute_image_mean", "channel_means"]
 
 
 def channel_means(mean: np.ndarray) -> list[float]:
@@ -64,8 +53,8 @@ def compute_image_mean(
         raise CaffeportError(f"{where} has no records")
     mean = (total / np.float32(count)).astype(np.float32)
     if output is not None:
-        out = Path(output)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(mean_to_blobproto(mean).SerializeToString())
-        os.replace(tmp, out)
+        from caffeport.io import write_blobproto
+
+        # Legacy num/channels/height/width fields, as tools/compute_image_mean.cpp writes them.
+        write_blobproto(mean[np.newaxis], output, legacy=True)
     return mean
