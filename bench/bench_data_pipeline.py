@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import text_format
 
+from caffeport.io import write_blobproto
 from caffeport.io.lmdb_store import LMDBWriter, array_to_datum
 from caffeport.layers.base import BuildContext, layer_class
 from caffeport.proto import caffe_pb2
-from caffeport.tools.mean import mean_to_blobproto
 
 N_RECORDS = 512
 BATCH = 32
@@ -30,7 +30,7 @@ def _setup(root: Path) -> None:
             img = rng.integers(0, 256, (3, 256, 256), dtype=np.uint8)
             w.put(f"{i:08d}_img{i}.jpg", array_to_datum(img, i % 1000).SerializeToString())
     mean = rng.uniform(90, 130, (3, 256, 256)).astype(np.float32)
-    (root / "mean.binaryproto").write_bytes(mean_to_blobproto(mean).SerializeToString())
+    write_blobproto(mean[np.newaxis], root / "mean.binaryproto", legacy=True)
 
 
 def _layer(root: Path, prefetch: int):
