@@ -1,4 +1,4 @@
-"""Export and surgery commands: export-onnx, export-torch, draw, deploy, convolutionalize, truncate."""
+"""Export and surgery commands: export-onnx, export-torch, export-weights, draw, deploy, convolutionalize, truncate."""
 
 from __future__ import annotations
 
@@ -81,6 +81,29 @@ def export_torch(model: str, weights: str | None, output: str, kind: str | None,
     err = export_program(net, output, kind)
     click.echo(f"wrote {output}: {kind} program, inputs {', '.join(net.inputs)}, outputs "
                f"{', '.join(net.outputs)}; checked against caffeport: max relative error {err:.3g}")
+
+
+@main.command("export-weights")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--weights", "-w", type=click.Path(exists=True, dir_okay=False), help=".caffemodel (or .h5).")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
+@click.option("--layout", default="caffe", show_default=True, type=click.Choice(["caffe", "channels_last"]),
+              help="caffe: Caffe's shapes; channels_last: TensorFlow/Keras kernels (kh,kw,in,out), Dense "
+                   "(K,N) with the first Dense after a spatial blob's rows in H,W,C order.")
+@_input_shape_opt
+def export_weights_cmd(model: str, weights: str | None, output: str, layout: str,
+                       input_shapes: tuple[str, ...]) -> None:
+    """Write MODEL's weights as an .npz of '<layer>/<kind>' arrays (kernel, bias, gamma, beta, mean,
+    var...; BatchNorm's scale factor divided out) for other frameworks; loads with
+    np.load(path, allow_pickle=False)."""
+    from caffeport.export.weights import export_weights
+
+    net = _load(model, weights, input_shapes)
+    if weights is None:
+        click.echo("note: no --weights given; the exported weights are the net's fillers", err=True)
+    arrays = export_weights(net, output, layout=layout)
+    layers = {k.rpartition("/")[0] for k in arrays}
+    click.echo(f"wrote {output}: {len(arrays)} arrays from {len(layers)} layers, {layout} layout")
 
 
 @main.command("draw")
