@@ -182,3 +182,15 @@ def test_blobproto_helpers_legacy_dims() -> None:
     assert arr.shape == (1, 2, 1, 3) and arr[0, 1, 0, 2] == 5
     back = caffe.io.array_to_blobproto(arr)
     assert list(back.shape.dim) == [1, 2, 1, 3] and list(back.data) == list(range(6))
+
+
+def test_module_works_under_torch_compile(tmp_path: Path) -> None:
+    net = Net(_write(tmp_path, IP_NET))
+    module = net.module.eval()
+    x = torch.randn(3, 3)
+    with torch.no_grad():
+        ref = module(x)["ip2"]
+        got = torch.compile(module)(x)["ip2"]
+    h, y = _reference(net, x.numpy())
+    np.testing.assert_allclose(got.numpy(), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, ref)
