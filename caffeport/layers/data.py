@@ -15,11 +15,13 @@ Differences from Caffe worth knowing:
 - data-parallel training (``torch.distributed`` initialised, e.g. ``caffeport train --gpu 0,1``):
   TRAIN-phase Data and HDF5Data layers of rank r of W read records r, r+W, r+2W... as Caffe 1.0's
   ``Skip()`` does; ImageData does not stride (neither does Caffe's), TEST nets never do;
-- WindowData is registered but not implemented (a clear error at set-up).
+- WindowData draws its windows with numpy's RNG too (Caffe's draws are not reproduced); its crops
+  are Caffe's arithmetic (see ``caffeport.data.window``).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -350,13 +352,91 @@ class DummyData(_DataLayerBase):
 
 @register("WindowData")
 class WindowData(_DataLayerBase):
-    """Caffe's WindowDataLayer (R-CNN window files): registered so nets parse, not implemented."""
+    """Caffe's WindowDataLayer (R-CNN fine-tuning): windows from a window file, warped to crop_size.
 
-    min_tops = 1
+    Tops ``data`` (N, 3, crop, crop) and ``label`` (N,) (Caffe requires exactly these two). Each batch
+    is ``N - int(N * fg_fraction)`` background windows (label 0) then foreground ones (their class),
+    drawn at random with numpy's RNG (Caffe's draws cannot be reproduced; the distribution is the
+    same); the crop/warp/pad/mean/scale arithmetic is Caffe's, see :mod:`caffeport.data.window`.
+    ``crop_size`` (required), ``mirror``, ``mean_file``/``mean_value`` come from ``transform_param``,
+    ``scale`` from ``window_data_param``, as Caffe 1.0 reads them. Image paths are ``root_folder`` +
+    the path in the file, looked for in the cwd and then in the net's folder.
+    """
+
+    min_tops = 2
     max_tops = 2
 
     def setup(self, bottom_shapes: list[Shape]) -> None:
-        raise CaffeportError(
-            f"{self._where()}: WindowData (R-CNN window files) is not supported by caffeport yet; "
-            "convert the windows to an LMDB/ImageData list, or feed crops through an Input layer"
+        from caffeport.data.transformer import read_mean_file
+        from caffeport.data.window import WindowBatches, read_window_file
+        from caffeport.io.prototxt import CaffeportWarning
+
+        wp = self.param.window_data_param
+        tp = self.param.transform_param
+        if not wp.source:
+            raise self.error("window_data_param.source is not set")
+        if wp.batch_size <= 0:
+            raise self.error("window_data_param.batch_size must be set and positive")
+        crop = int(tp.crop_size)
+        if crop <= 0:
+            hint = (" (window_data_param.crop_size is set, but Caffe 1.0 reads transform_param.crop_size)"
+                    if wp.HasField("crop_size") else "")
+            raise self.error(f"WindowData needs transform_param.crop_size > 0{hint}")
+        if wp.context_pad and crop <= 2 * wp.context_pad:
+            raise self.error(f"context_pad {wp.context_pad} leaves nothing of crop_size {crop}")
+        ignored = [f"window_data_param.{f}" for f in ("mean_file", "mirror", "crop_size") if wp.HasField(f)]
+        if tp.HasField("scale"):
+            ignored.append("transform_param.scale")
+        if ignored:
+            warnings.warn(
+                f"{self._where()}: Caffe's WindowData ignores {', '.join(ignored)} (it reads crop_size, "
+                "mirror and the mean from transform_param, scale from window_data_param)",
+                CaffeportWarning, stacklevel=2,
+            )
+        mean = None
+        if tp.HasField("mean_file"):
+            if len(tp.mean_value):
+                raise self.error("cannot specify mean_file and mean_value at the same time")
+            mpath = self._resolve(tp.mean_file)
+            if not mpath.is_file():
+                raise self.error(
+                    f"mean_file '{tp.mean_file}' not found (looked in the cwd and in '{self.ctx.root}')"
+                )
+            try:
+                mean = read_mean_file(mpath)
+            except CaffeportError as e:
+                raise self.error(str(e)) from None
+        src = self._resolve(wp.source)
+        if not src.is_file():
+            raise self.error(f"window file '{wp.source}' not found (looked in the cwd and in '{self.ctx.root}')")
+        windows = read_window_file(src, wp.root_folder, wp.fg_threshold, wp.bg_threshold, self._where())
+        if windows.channels != 3:
+            raise self.error(
+                f"window file '{wp.source}': the last image lists {windows.channels} channels; Caffe shapes "
+                "the data top with it but always reads images as 3-channel colour, so it must be 3"
+            )
+        paths = []
+        for name, _size, line in windows.images:
+            p = self._resolve(name)
+            if not p.is_file():
+                raise self.error(f"window file '{wp.source}' line {line}: image '{name}' not found "
+                                 f"(looked in the cwd and in '{self.ctx.root}')")
+            paths.append(p)
+        self._init_output()
+        self.batches = WindowBatches(
+            windows, paths, wp.batch_size, crop, wp.context_pad, wp.crop_mode, tp.mirror, wp.scale,
+            wp.fg_fraction, mean, np.asarray(tp.mean_value, np.float32) if len(tp.mean_value) else None,
+            wp.cache_images, self._rng(), self._where(),
         )
+        self.prefetcher = Prefetcher(self.batches.next_batch, 4, f"caffeport-windowdata-{self.name}")
+
+    def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        n = self.batches.batch_size
+        return [self.batches.shape(), (n,)]
+
+    def forward(self) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return self._to_tensors(self.prefetcher.get())
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.batches.close()
