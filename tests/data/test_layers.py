@@ -140,9 +140,6 @@ def test_memorydata_and_dummydata(tmp_path: Path) -> None:
     (g2,) = g.forward()
     assert not np.array_equal(g1.numpy(), g2.numpy())  # refilled each forward
     assert abs(float(g1.std()) - 1.0) < 0.15
-    with pytest.raises(CaffeportError, match="not supported"):
-        _layer('name: "w" type: "WindowData" top: "data" window_data_param { source: "w.txt" batch_size: 1 }',
-               tmp_path)
 
 
 def test_prefetch_order_equals_synchronous_order(lmdb_dir) -> None:
