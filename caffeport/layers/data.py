@@ -102,8 +102,30 @@ class _DataLayerBase(Layer):
         return tuple(outs)
 
 
+class _Prefetched(_DataLayerBase):
+    """A data layer whose ``batches`` source is read ahead by ``prefetcher``: tops are the image
+    batch ``self._shape`` and, when asked for, its labels."""
+
+    batches: Any
+    prefetcher: Prefetcher
+    _shape: Shape
+
+    def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        shapes: list[Shape] = [tuple(self._shape)]
+        if len(self.param.top) > 1:
+            shapes.append((self._shape[0],))
+        return shapes
+
+    def forward(self) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return self._to_tensors(self.prefetcher.get())
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.batches.close()
+
+
 @register("Data")
-class Data(_DataLayerBase):
+class Data(_Prefetched):
     """Caffe's DataLayer: Datum records from an LMDB (or LevelDB) in key order, transformed.
 
     Tops: ``data`` (N,C,h,w) and optional ``label`` (N,). Batches are prefetched by a background thread
@@ -130,22 +152,10 @@ class Data(_DataLayerBase):
         self._shape = self.batches.first_shape()
         self.prefetcher = Prefetcher(self.batches.next_batch, dp.prefetch, f"caffeport-data-{self.name}")
 
-    def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        shapes: list[Shape] = [tuple(self._shape)]
-        if len(self.param.top) > 1:
-            shapes.append((self._shape[0],))
-        return shapes
-
-    def forward(self) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return self._to_tensors(self.prefetcher.get())
-
-    def close(self) -> None:
-        self.prefetcher.close()
-        self.batches.close()
 
 
 @register("ImageData")
-class ImageData(_DataLayerBase):
+class ImageData(_Prefetched):
     """Caffe's ImageDataLayer: images listed in ``source`` ("<path> <label>" per line), read with
     OpenCV (BGR, or gray when ``is_color: false``), resized with INTER_LINEAR when ``new_height`` and
     ``new_width`` are set, transformed. ``root_folder`` is prefixed to each path verbatim."""
@@ -179,17 +189,6 @@ class ImageData(_DataLayerBase):
         self._shape = self.batches.first_shape()
         self.prefetcher = Prefetcher(self.batches.next_batch, 4, f"caffeport-imagedata-{self.name}")
 
-    def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
-        shapes: list[Shape] = [tuple(self._shape)]
-        if len(self.param.top) > 1:
-            shapes.append((self._shape[0],))
-        return shapes
-
-    def forward(self) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return self._to_tensors(self.prefetcher.get())
-
-    def close(self) -> None:
-        self.prefetcher.close()
 
 
 @register("HDF5Data")
@@ -351,7 +350,7 @@ class DummyData(_DataLayerBase):
 
 
 @register("WindowData")
-class WindowData(_DataLayerBase):
+class WindowData(_Prefetched):
     """Caffe's WindowDataLayer (R-CNN fine-tuning): windows from a window file, warped to crop_size.
 
     Tops ``data`` (N, 3, crop, crop) and ``label`` (N,) (Caffe requires exactly these two). Each batch
@@ -434,9 +433,3 @@ class WindowData(_DataLayerBase):
         n = self.batches.batch_size
         return [self.batches.shape(), (n,)]
 
-    def forward(self) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return self._to_tensors(self.prefetcher.get())
-
-    def close(self) -> None:
-        self.prefetcher.close()
-        self.batches.close()
