@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from caffeport.errors import CaffeportError
+from caffeport.io.atomic import atomic_write
 
 __all__ = [
     "draw_pet",
@@ -259,9 +260,7 @@ def _imwrite(path: Path, img: np.ndarray) -> None:
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
     if not ok:
         raise OSError(f"could not encode {path}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    atomic_write(path, buf.tobytes())
 
 
 def write_pet_images(out_dir: str | os.PathLike[str], n_per_class: int = 120, n_test: int = 40, seed: int = 0,
@@ -284,9 +283,7 @@ def write_pet_images(out_dir: str | os.PathLike[str], n_per_class: int = 120, n_
         _imwrite(test / f"{n}.jpg", draw_pet("cat" if label == 0 else "dog", 100000 + n, seed, size))
         rows.append(f"{n},{label}")
     labels = out / "test1_labels.csv"
-    tmp = labels.with_name(".test1_labels.csv.tmp")
-    tmp.write_text("\n".join(rows) + "\n")
-    os.replace(tmp, labels)
+    atomic_write(labels, ("\n".join(rows) + "\n").encode())
     return PetImageSet(train, test, labels, 2 * n_per_class, n_test)
 
 

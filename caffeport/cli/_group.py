@@ -23,10 +23,11 @@ class _Group(click.Group):
                 raise
             click.echo(f"caffeport: error: {e}", err=True)
             sys.exit(1)
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        except OSError as e:  # disk full, permissions, missing files that no library check caught
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"caffeport: error: {e.strerror}: {e.filename}", err=True)
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"caffeport: error: {e.strerror or e}{where}", err=True)
             sys.exit(1)
 
 

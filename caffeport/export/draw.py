@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from caffeport.errors import CaffeportError
+from caffeport.io.atomic import atomic_path, atomic_write
 from caffeport.proto import caffe_pb2
 
 PHASES = {"TRAIN": caffe_pb2.TRAIN, "TEST": caffe_pb2.TEST, "ALL": None}
@@ -197,18 +197,6 @@ def to_dot(g: DrawGraph, rankdir: str = "LR") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent or Path(".")))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def render(dot_text: str, fmt: str) -> bytes:
     """Run Graphviz ``dot -T<fmt>`` on the text; CaffeportError when it is not installed."""
     exe = shutil.which("dot")
@@ -260,15 +248,11 @@ def draw_matplotlib(g: DrawGraph, path: Path, rankdir: str = "LR") -> None:
     ax.set_ylim(min(ys) - 1.0, max(ys) + 1.0)
     ax.axis("off")
     ax.set_title(g.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=str(path.parent or Path(".")))
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def draw_net_file(model: str | os.PathLike, out: str | os.PathLike, *, rankdir: str = "LR",
@@ -284,10 +268,10 @@ def draw_net_file(model: str | os.PathLike, out: str | os.PathLike, *, rankdir: 
     g = build_graph(net, phase=phase, display_lrm=display_lrm, source=str(model))
     dot_text = to_dot(g, rankdir)
     if fmt == "dot":
-        _atomic_bytes(out_path, dot_text.encode())
+        atomic_write(out_path, dot_text.encode())
         return "dot text"
     if shutil.which("dot") is None and fmt == "png":
         draw_matplotlib(g, out_path, rankdir)
         return "matplotlib (Graphviz 'dot' not installed: apt-get install graphviz for a better layout)"
-    _atomic_bytes(out_path, render(dot_text, fmt))
+    atomic_write(out_path, render(dot_text, fmt))
     return "graphviz dot"

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from torch import nn
 
 from caffeport.errors import CaffeportError
 from caffeport.export.onnx import rel_error
+from caffeport.io.atomic import atomic_path
 
 PathLike = str | os.PathLike
 EXPORT_HOOK = "export_forward"
@@ -33,14 +33,8 @@ EXPORT_HOOK = "export_forward"
 
 def _atomic_save(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename the temp file over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def net_state_dict(net: Any) -> OrderedDict[str, torch.Tensor]:

@@ -58,7 +58,6 @@ Layouts (``layout=``):
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from caffeport.errors import CaffeportError
+from caffeport.io.atomic import atomic_path
 
 PathLike = str | os.PathLike
 LAYOUTS = ("caffe", "channels_last")
@@ -226,14 +226,8 @@ def export_weights(net: Any, path: PathLike, layout: str = "caffe") -> dict[str,
         raise CaffeportError(f"{p}: the weights file must end in .npz (np.savez would append it)")
     if not p.parent.exists():
         raise CaffeportError(f"{p}: folder {p.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".npz", dir=str(p.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(p, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return dict(arrays)
 
 

@@ -16,7 +16,6 @@ over ``data`` when present; weights are returned as float32 (Caffe runs float ne
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from caffeport.errors import CaffeportError
+from caffeport.io.atomic import atomic_write
 from caffeport.proto import caffe_pb2
 
 __all__ = [
@@ -49,26 +49,6 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 # --------------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------------
-def atomic_write(path: PathLike, data: bytes | bytearray | memoryview | Sequence[bytes]) -> None:
-    """Write ``data`` (or a sequence of chunks) to a temp file beside ``path``, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, bytes | bytearray | memoryview):
-                f.write(data)
-            else:
-                for chunk in data:
-                    f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def is_hdf5(path: PathLike) -> bool:
     """True when the file starts with the HDF5 signature (at 0 or a 512*2^k user-block offset)."""
     try:

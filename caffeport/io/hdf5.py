@@ -13,14 +13,13 @@ matches weights by layer name).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from caffeport.errors import CaffeportError
+from caffeport.io.atomic import atomic_path
 from caffeport.proto import caffe_pb2
 
 __all__ = [
@@ -77,19 +76,8 @@ def _indexed(group) -> list[np.ndarray]:
 
 def _atomic_h5(path: PathLike, fill) -> None:
     h5py = _h5py()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        fill(f)
 
 
 def read_caffemodel_h5(path: PathLike) -> OrderedDict[str, list[np.ndarray]]:

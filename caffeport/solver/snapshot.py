@@ -37,6 +37,9 @@ def write_model(net, path: str, hdf5: bool, with_diff: bool = False) -> None:
     if hdf5:
         save_caffemodel(net.state_blobs(), path)
         return
+    if not with_diff:
+        net.save(path)  # blobs spliced in as packed float32, no protobuf copies
+        return
     proto = net.to_proto()
     if with_diff:  # snapshot_diff: Caffe also writes each blob's diff (the last update value)
         layers = {lp.name: lp for lp in proto.layer}

@@ -29,13 +29,13 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from caffeport.errors import CaffeportError
+from caffeport.io.atomic import atomic_write
 
 __all__ = ["ParsedLog", "parse_log", "parse_log_lines", "write_parse_log_csv", "plot_log", "atomic_write_bytes"]
 
@@ -170,21 +170,9 @@ def parse_log(path: str | os.PathLike[str]) -> ParsedLog:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` atomically, creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
 
 
 def _csv_bytes(rows: list[OrderedDict[str, float]], delimiter: str) -> bytes:

@@ -242,7 +242,7 @@ def test_errors_and_atomic_write(tmp_path, monkeypatch) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(weights_mod.np, "savez", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CaffeportError, match=r"cannot write .*w\.npz: disk full"):
         export_weights(net, path)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["w.npz"]
     monkeypatch.undo()
