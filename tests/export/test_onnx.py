@@ -468,6 +468,53 @@ def test_corpus_has_exportable_nets() -> None:
     assert len(DEPLOY_NETS) >= 40
 
 
+# SSD deploy nets cut just before DetectionOutput (no ONNX form): the graph up to its bottoms (loc,
+# softmaxed conf, priors) runs Normalize, Permute, Flatten, Concat and PriorBox on real nets.
+SSD_NETS = sorted(rel for rel, types in NO_ONNX.items() if types == _SSD_TYPES)
+# Real trained weights where the corpus has them (the other nets get random ones).
+SSD_WEIGHTS = {
+    rel: rel.replace(".prototxt", ".caffemodel") for rel in SSD_NETS if rel.startswith("4_real_caffemodels/")
+}
+SSD_CUT_TYPES = {"Normalize", "Permute", "Flatten", "Concat", "PriorBox", "Softmax"}
+
+
+def test_ssd_nets_listed() -> None:
+    assert len(SSD_NETS) == 5 and len(SSD_WEIGHTS) == 2
+    assert all((CORPUS / w).exists() for w in SSD_WEIGHTS.values())
+
+
+@pytest.mark.parametrize("rel", SSD_NETS)
+def test_ssd_net_exports_up_to_detection_output(rel: str) -> None:
+    from caffeport.net import Net
+
+    path = CORPUS / rel
+    msg = _small_message(path)  # yufacedetectnet runs at 64x85; SSD300 nets need their 300x300
+    (det,) = [lp for lp in msg.layer if lp.type == "DetectionOutput"]
+    assert det is msg.layer[-1], f"{rel}: DetectionOutput is not the last layer"
+    bottoms = list(det.bottom)
+    del msg.layer[-1]
+    net = Net(msg, root=path.parent)
+    net.source = rel
+    assert sorted(net.outputs) == sorted(bottoms) == ["mbox_conf_flatten", "mbox_loc", "mbox_priorbox"]
+    types = {lay.param.type for lay in net.layers}
+    assert SSD_CUT_TYPES - {"Normalize"} <= types, SSD_CUT_TYPES - types
+    if rel in SSD_WEIGHTS:
+        copied = net.copy_from(CORPUS / SSD_WEIGHTS[rel])
+        assert set(copied) == {p.layer.name for p in net._plans if len(p.layer.blobs)}, f"{rel}: weights missing"
+        assert "Normalize" in types
+    else:
+        randomize_weights(net, 0)
+    export = net_to_onnx(net, dynamic_batch=True)
+    assert not unsupported_types(net)
+    ops = {n.op_type for n in export.model.graph.node}
+    assert {"Transpose", "Reshape", "Concat", "Softmax"} <= ops, ops
+    # mbox_priorbox is a batch-independent (1, 2, 4 * priors) top, like Caffe's
+    assert net._shapes["mbox_priorbox"][:2] == (1, 2)
+    assert net._shapes["mbox_priorbox"][2] == net._shapes["mbox_loc"][1]
+    err = check_onnx(export, net, batch_sizes=[1, 2])
+    assert err < 1e-4
+
+
 REAL_WEIGHTS = [
     ("4_real_caffemodels/everpeace_caffe_2014/examples/mnist/lenet.prototxt",
      "4_real_caffemodels/everpeace_caffe_2014/examples/mnist/lenet_iter_10000.caffemodel"),
