@@ -5,6 +5,8 @@
   depthwise convolution: one filter per input channel, ``num_output`` ignored).
 - PSPNet (hszhao/PSPNet's caffe): ``BN`` (learned slope/bias + moving mean/variance, ``bn_param``)
   and ``Interp`` (DeepLab's align-corners bilinear resize, ``interp_param``).
+- SegNet (alexgkendall/caffe-segnet): ``Upsample`` (max-unpooling through a Pooling mask top,
+  ``upsample_param``).
 
 Numbers follow the forks' CPU code (``Forward_cpu``): the float32 rounding order of their loops is
 kept where it decides results (prior boxes, box decoding, IoU in NMS, interpolation weights).
@@ -20,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from caffeport.layers.base import TEST, TRAIN, Layer, Shape, register
+from caffeport.layers.base import TEST, TRAIN, Layer, Shape, register, run_function
 from caffeport.layers.vision import Convolution
 from caffeport.proto import caffe_pb2
 
@@ -755,3 +757,109 @@ class Interp(Layer):
         hl0_t = t(hl0).to(dt).view(1, 1, -1, 1)
         hl1_t = t(hl1).to(dt).view(1, 1, -1, 1)
         return hl0_t * (wl0_t * a00 + wl1_t * a01) + hl1_t * (wl0_t * a10 + wl1_t * a11)
+
+
+# ---------------------------------------------------------------------------------------------
+# SegNet: Upsample
+# ---------------------------------------------------------------------------------------------
+class _UpsampleFn(torch.autograd.Function):
+    """Max-unpooling on (N, C, H*W) with flat indices ``idx`` (int64) into (N, C, size).
+
+    Forward: the fork's loop writes ``top[idx[i]] = x[i]`` in increasing i, so where several i share
+    one position the last one wins; zeros elsewhere. Backward is the fork's gather
+    ``dx[i] = dy[idx[i]]`` for every i (losers of a shared position included, so not autograd's)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, size):
+        ctx.save_for_backward(idx)
+        src = torch.arange(idx.shape[-1], device=idx.device).expand_as(idx)
+        win = torch.full((*idx.shape[:-1], size), -1, dtype=torch.int64, device=idx.device)
+        win = win.scatter_reduce(2, idx, src, "amax")  # the last source i written to each position
+        got = x.gather(2, win.clamp(min=0))
+        return torch.where(win >= 0, got, torch.zeros_like(got))
+
+    @staticmethod
+    def backward(ctx, dy):
+        (idx,) = ctx.saved_tensors
+        return dy.gather(2, idx), None, None
+
+
+@register("Upsample")
+class Upsample(Layer):
+    """SegNet's ``Upsample``: max-unpooling of bottom 0 through bottom 1, the mask top of a MAX
+    Pooling (flat index into the unpooled H*W plane, as float; no gradient).
+
+    Bottoms: two 4-D blobs of equal shape (N, C, H, W). Top (N, C, H_out, W_out) from
+    ``upsample_h`` and ``upsample_w`` when both are given (each > 1), else (deprecated in the fork)
+    ``scale`` (default 2) or ``scale_h`` and ``scale_w`` (each > 1) with
+    ``H_out = H * scale_h - pad_out_h`` (``pad_out_*`` only with a scale of 2); giving ``scale``
+    together with ``scale_h``/``scale_w``, or only one of these two, is the fork's setup error
+    (unless ``upsample_h`` and ``upsample_w`` are both given). Each value goes to the flat position
+    ``int(mask)`` of its (n, c) plane (truncated as ``static_cast<int>``), the last one in row-major
+    order where several share a position, zeros elsewhere; positions outside [0, H_out*W_out) are an
+    error (the fork aborts on ``>=`` and does not check negatives, e.g. the -1 of an empty window).
+    Backward gathers the top diff at the mask positions (``dx[i] = dy[mask[i]]``), as the fork does.
+
+    One difference from the fork: a scale-derived output size is recomputed when the bottoms are
+    reshaped (the fork computes it at the first Reshape and keeps it).
+    """
+
+    min_bottoms = max_bottoms = 2
+    min_tops = max_tops = 1
+    no_grad_bottoms = (1,)
+
+    def setup(self, bottom_shapes: list[Shape]) -> None:
+        p = self.param.upsample_param
+        has = p.HasField
+        if not ((has("upsample_h") and has("upsample_w")) or (not has("scale") and has("scale_h") and has("scale_w"))
+                or (not has("scale_h") and not has("scale_w"))):
+            raise self.error("upsample_param: upsample_h & upsample_w are required, else (deprecated) "
+                             "scale OR scale_h & scale_w")
+        self.upsample_hw: tuple[int, int] | None = None
+        self.scale_hw = (0, 0)
+        self.pad_out = (0, 0)
+        if has("upsample_h") and has("upsample_w"):
+            uh, uw = int(p.upsample_h), int(p.upsample_w)
+            if uh <= 1 or uw <= 1:
+                raise self.error(f"upsample_param: upsample_h ({uh}) and upsample_w ({uw}) must be > 1")
+            self.upsample_hw = (uh, uw)
+        else:
+            sh, sw = (int(p.scale), int(p.scale)) if not has("scale_h") else (int(p.scale_h), int(p.scale_w))
+            if sh <= 1 or sw <= 1:
+                which = "scale" if not has("scale_h") else "scale_h and scale_w"
+                raise self.error(f"upsample_param: {which} must be > 1 (got {sh}, {sw})")
+            ph, pw = int(bool(p.pad_out_h)), int(bool(p.pad_out_w))
+            if ph and sh != 2:
+                raise self.error("upsample_param: pad_out_h requires scale_h == 2 (the output size is ill-defined)")
+            if pw and sw != 2:
+                raise self.error("upsample_param: pad_out_w requires scale_w == 2 (the output size is ill-defined)")
+            self.scale_hw = (sh, sw)
+            self.pad_out = (ph, pw)
+        self.top_shapes(bottom_shapes)  # validates the bottoms
+
+    def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape]:
+        a, m = (tuple(s) for s in bottom_shapes)
+        if len(a) != 4 or len(m) != 4:
+            raise self.error(f"input and mask must have 4 axes (num, channels, height, width), got {a} and {m}")
+        if a != m:
+            raise self.error(f"the mask shape {m} must equal the input shape {a}")
+        n, c, h, w = a
+        if self.upsample_hw is not None:
+            uh, uw = self.upsample_hw
+        else:
+            uh = h * self.scale_hw[0] - self.pad_out[0]
+            uw = w * self.scale_hw[1] - self.pad_out[1]
+        return [(n, c, uh, uw)]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        (shape,) = self.top_shapes([tuple(x.shape), tuple(mask.shape)])
+        n, c, uh, uw = shape
+        idx = mask.detach().reshape(n, c, -1).to(torch.int64)  # truncation toward zero, as static_cast<int>
+        if idx.numel() and not torch.jit.is_tracing():
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            if lo < 0 or hi >= uh * uw:
+                bad = lo if lo < 0 else hi
+                raise self.error(f"upsample top index {bad} out of range [0, {uh * uw}) - check that the scale "
+                                 "settings match the input pooling layer's downsample setup")
+        out = run_function(_UpsampleFn, x.reshape(n, c, -1), idx, uh * uw)
+        return out.reshape(shape)

@@ -1,4 +1,4 @@
-"""Fork layers (SSD, ShuffleNet, PSPNet): numpy transcriptions of the forks' CPU loops as
+"""Fork layers (SSD, ShuffleNet, PSPNet, SegNet): numpy transcriptions of the forks' CPU loops as
 references, parameter checks, every corpus deploy net that uses these types, and whole SSD nets
 against OpenCV's dnn Caffe importer (an independent implementation of the SSD layers).
 
@@ -17,13 +17,13 @@ import torch
 
 from caffeport.errors import CaffeportError
 from caffeport.layers.base import TEST, TRAIN
-from tests.layers.helpers import make
+from tests.layers.helpers import fd_check, make
 
 RNG = np.random.default_rng(11)
 F = np.float32
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
 FORK_TYPES = ("Normalize", "Permute", "PriorBox", "DetectionOutput", "ShuffleChannel",
-              "ConvolutionDepthwise", "BN", "Interp")
+              "ConvolutionDepthwise", "BN", "Interp", "Upsample")
 
 
 def run(layer, *arrays: np.ndarray) -> np.ndarray:
@@ -637,6 +637,172 @@ def test_interp_second_bottom_and_errors() -> None:
         make("Interp", "interp_param { height: 3 }", [(1, 1, 4, 4)])
     with pytest.raises(CaffeportError, match="positive"):
         make("Interp", "interp_param { zoom_factor: 0 }", [(1, 1, 4, 4)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Upsample (SegNet)
+# ---------------------------------------------------------------------------------------------
+def ref_upsample(x: np.ndarray, mask: np.ndarray, uh: int, uw: int) -> np.ndarray:
+    """upsample_layer.cpp Forward_cpu: per (n, c) plane, top[int(mask[i])] = bottom[i] in order."""
+    n, c, h, w = x.shape
+    top = np.zeros((n, c, uh * uw), np.float32)
+    for a in range(n):
+        for ch in range(c):
+            b, m = x[a, ch].reshape(-1), mask[a, ch].reshape(-1)
+            for i in range(h * w):
+                idx = int(m[i])
+                assert idx < uh * uw
+                top[a, ch, idx] = b[i]
+    return top.reshape(n, c, uh, uw)
+
+
+def ref_upsample_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """upsample_layer.cpp Backward_cpu: bottom_diff[i] = top_diff[int(mask[i])]."""
+    n, c, h, w = mask.shape
+    bd = np.zeros(mask.shape, np.float32)
+    for a in range(n):
+        for ch in range(c):
+            t, m = dy[a, ch].reshape(-1), mask[a, ch].reshape(-1)
+            for i in range(h * w):
+                bd[a, ch].reshape(-1)[i] = t[int(m[i])]
+    return bd
+
+
+def ref_max_pool(x: np.ndarray, k: int, s: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """BVLC pooling_layer.cpp MAX Forward_cpu with the mask top (sizes as its Reshape)."""
+    n, c, h, w = x.shape
+    ph_n = int(math.ceil((h + 2 * pad - k) / s)) + 1
+    pw_n = int(math.ceil((w + 2 * pad - k) / s)) + 1
+    if pad:
+        ph_n -= (ph_n - 1) * s >= h + pad
+        pw_n -= (pw_n - 1) * s >= w + pad
+    top = np.full((n, c, ph_n, pw_n), -np.finfo(np.float32).max, np.float32)
+    mask = np.full((n, c, ph_n, pw_n), -1.0, np.float32)
+    for a in range(n):
+        for ch in range(c):
+            for ph in range(ph_n):
+                for pw in range(pw_n):
+                    hs, ws = ph * s - pad, pw * s - pad
+                    he, we = min(hs + k, h), min(ws + k, w)
+                    for hh in range(max(hs, 0), he):
+                        for ww in range(max(ws, 0), we):
+                            if x[a, ch, hh, ww] > top[a, ch, ph, pw]:
+                                top[a, ch, ph, pw] = x[a, ch, hh, ww]
+                                mask[a, ch, ph, pw] = hh * w + ww
+    return top, mask
+
+
+UPSAMPLE_SHAPES = [
+    ("", (2, 3, 4, 5), (8, 10)),
+    ("upsample_param { scale: 3 }", (1, 2, 3, 4), (9, 12)),
+    ("upsample_param { scale_h: 2 scale_w: 3 }", (1, 2, 3, 4), (6, 12)),
+    ("upsample_param { pad_out_h: true }", (1, 2, 3, 4), (5, 8)),
+    ("upsample_param { scale_h: 2 scale_w: 2 pad_out_h: true pad_out_w: true }", (1, 1, 3, 4), (5, 7)),
+    ("upsample_param { upsample_h: 7 upsample_w: 9 }", (1, 2, 3, 4), (7, 9)),
+    # upsample_h/w win over the scale; one of them alone is ignored (the fork's setup)
+    ("upsample_param { scale: 3 scale_h: 5 upsample_h: 7 upsample_w: 9 }", (1, 2, 3, 4), (7, 9)),
+    ("upsample_param { upsample_h: 7 }", (1, 2, 3, 4), (6, 8)),
+]
+
+
+@pytest.mark.parametrize("params,shape,out_hw", UPSAMPLE_SHAPES)
+def test_upsample_matches_fork_loops(params: str, shape, out_hw) -> None:
+    layer = make("Upsample", params, [shape, shape])
+    assert layer.top_shapes([shape, shape]) == [(*shape[:2], *out_hw)]
+    n, c, h, w = shape
+    size = out_hw[0] * out_hw[1]
+    # Random positions with repeats (the fork's later write wins; its backward reads every one).
+    mask = RNG.integers(0, size, (n, c, h, w)).astype(np.float32)
+    mask.reshape(n, c, -1)[:, :, -1] = mask.reshape(n, c, -1)[:, :, 0]
+    mask.reshape(-1)[1] = size - 1 + 0.75  # truncated as static_cast<int>
+    x = RNG.standard_normal(shape).astype(np.float32)
+    out = run(layer, x, mask)
+    np.testing.assert_array_equal(out, ref_upsample(x, mask, *out_hw))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    mt = torch.from_numpy(mask)
+    dy = RNG.standard_normal(out.shape).astype(np.float32)
+    top = layer(xt, mt)
+    np.testing.assert_array_equal(top.detach().numpy(), out)
+    top.backward(torch.from_numpy(dy))
+    np.testing.assert_array_equal(xt.grad.numpy(), ref_upsample_backward(dy, mask))
+
+
+POOL_UPSAMPLE = [
+    ((2, 3, 8, 10), "kernel_size: 2 stride: 2", "", 0),
+    ((1, 2, 7, 9), "kernel_size: 2 stride: 2", "pad_out_h: true pad_out_w: true", 0),  # SegNet's odd sizes
+    ((1, 2, 9, 11), "kernel_size: 3 stride: 2", "upsample_h: 9 upsample_w: 11", 0),  # overlapping windows
+    ((1, 2, 6, 7), "kernel_size: 3 stride: 2 pad: 1", "upsample_h: 6 upsample_w: 7", 1),
+]
+
+
+@pytest.mark.parametrize("shape,pool,up,pad", POOL_UPSAMPLE)
+def test_upsample_after_max_pooling_mask(tmp_path: Path, shape, pool: str, up: str, pad: int) -> None:
+    """Pooling (MAX, mask top) -> Upsample in a Net, forward and backward, against the numpy loops of
+    BVLC's pooling and the fork's upsample."""
+    from caffeport.net import Net
+
+    proto = tmp_path / "unpool.prototxt"
+    proto.write_text(
+        f'force_backward: true input: "data" input_shape {{ dim: {" dim: ".join(map(str, shape))} }}\n'
+        f'layer {{ name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "mask" '
+        f'pooling_param {{ pool: MAX {pool} }} }}\n'
+        f'layer {{ name: "up" type: "Upsample" bottom: "pool" bottom: "mask" top: "up" '
+        f'upsample_param {{ {up} }} }}\n')
+    net = Net(proto)
+    x = RNG.standard_normal(shape).astype(np.float32)
+    k, s = (3, 2) if "kernel_size: 3" in pool else (2, 2)
+    pooled, mask = ref_max_pool(x, k, s, pad)
+    want = ref_upsample(pooled, mask, *shape[2:])
+    out = net.forward(data=x)["up"]
+    np.testing.assert_array_equal(net.blobs["mask"].data, mask)
+    np.testing.assert_array_equal(out, want)
+    dy = RNG.standard_normal(want.shape).astype(np.float32)
+    gx = net.backward(up=dy)["data"]
+    # Upsample gathers dy at the mask; BVLC's MAX backward adds each pooled diff at its mask position.
+    gp = ref_upsample_backward(dy, mask)
+    ref = np.zeros(shape, np.float64)
+    for a in range(shape[0]):
+        for ch in range(shape[1]):
+            np.add.at(ref[a, ch].reshape(-1), mask[a, ch].reshape(-1).astype(int), gp[a, ch].reshape(-1))
+    np.testing.assert_allclose(gx, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_upsample_gradient_fd() -> None:
+    shape, out_hw = (2, 2, 3, 4), (6, 8)
+    layer = make("Upsample", "", [shape, shape])
+    perm = np.stack([RNG.permutation(48)[:12] for _ in range(4)]).reshape(shape)  # distinct positions
+    x = torch.from_numpy(RNG.standard_normal(shape))
+    fd_check(layer, [x, torch.from_numpy(perm.astype(np.float64))], check=(0,))
+    assert layer.top_shapes([shape, shape]) == [(*shape[:2], *out_hw)]
+
+
+@pytest.mark.parametrize("params,match", [
+    ("upsample_param { scale: 1 }", "scale must be > 1"),
+    ("upsample_param { scale_h: 2 scale_w: 1 }", "scale_h and scale_w must be > 1"),
+    ("upsample_param { scale: 2 scale_h: 2 scale_w: 2 }", "upsample_h & upsample_w are required"),
+    ("upsample_param { scale_h: 2 }", "upsample_h & upsample_w are required"),
+    ("upsample_param { upsample_h: 1 upsample_w: 4 }", "must be > 1"),
+    ("upsample_param { scale: 3 pad_out_h: true }", "pad_out_h requires scale_h == 2"),
+    ("upsample_param { scale_h: 2 scale_w: 3 pad_out_w: true }", "pad_out_w requires scale_w == 2"),
+])
+def test_upsample_param_errors(params: str, match: str) -> None:
+    with pytest.raises(CaffeportError, match=match):
+        make("Upsample", params, [(1, 1, 2, 2), (1, 1, 2, 2)])
+
+
+def test_upsample_bottom_and_mask_errors() -> None:
+    with pytest.raises(CaffeportError, match="must equal the input shape"):
+        make("Upsample", "", [(1, 2, 3, 3), (1, 2, 3, 4)])
+    with pytest.raises(CaffeportError, match="4 axes"):
+        make("Upsample", "", [(2, 3, 4), (2, 3, 4)])
+    with pytest.raises(CaffeportError, match="has 1 bottoms"):
+        make("Upsample", "", [(1, 2, 3, 3)])
+    layer = make("Upsample", "", [(1, 1, 2, 2), (1, 1, 2, 2)])
+    x = np.ones((1, 1, 2, 2), np.float32)
+    with pytest.raises(CaffeportError, match="index 16 out of range"):
+        run(layer, x, np.array([0, 1, 2, 16], np.float32).reshape(1, 1, 2, 2))
+    with pytest.raises(CaffeportError, match="index -1 out of range"):  # an empty pooling window's mask
+        run(layer, x, np.array([0, -1, 2, 3], np.float32).reshape(1, 1, 2, 2))
 
 
 # ---------------------------------------------------------------------------------------------
