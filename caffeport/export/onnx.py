@@ -448,6 +448,21 @@ def _eltwise(L: OnnxLayer) -> None:
         acc = (L.out if i == len(terms) - 1 else L.tmp)("Add", [acc, t])
 
 
+@converter("Upsample")
+def _upsample(L: OnnxLayer) -> None:
+    """SegNet unpooling: scatter each value to its MAX-pool mask position (ScatterElements over the
+    flattened plane; repeated positions: the last write wins, as in the fork's loop)."""
+    ho, wo = (int(d) for d in L.top_shapes[0][2:])
+    flat = L.ints("flat", [0, 0, -1])
+    data = L.tmp("Reshape", [L.bottoms[0], flat])
+    idx = L.tmp("Reshape", [L.tmp("Cast", [L.bottoms[1]], to=7), flat])  # 7 = INT64, truncates like C
+    nc = L.tmp("Slice", [L.tmp("Shape", [L.bottoms[0]]), L.ints("s0", [0]), L.ints("s2", [2])])
+    zshape = L.tmp("Concat", [nc, L.ints("plane", [ho * wo])], axis=0)
+    zeros = L.tmp("ConstantOfShape", [zshape])
+    scattered = L.tmp("ScatterElements", [zeros, idx, data], axis=2)
+    L.out("Reshape", [scattered, L.ints("shape", [0, 0, ho, wo])])
+
+
 @converter("Flatten")
 def _flatten(L: OnnxLayer) -> None:
     fp = L.param.flatten_param

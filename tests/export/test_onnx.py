@@ -305,6 +305,34 @@ def test_more_layers_export_exactly() -> None:
     onnx.checker.check_model(export.model, full_check=True)  # (check_onnx would feed random indices)
 
 
+def test_segnet_upsample_exports_exactly() -> None:
+    net = net_from_text("""
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 7 dim: 9 } } }
+    layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "mask"
+            pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+    layer { name: "up" type: "Upsample" bottom: "pool" bottom: "mask" top: "up"
+            upsample_param { upsample_h: 7 upsample_w: 9 } }
+    """)
+    export = net_to_onnx(net, dynamic_batch=True)
+    x = np.random.default_rng(3).standard_normal((2, 3, 7, 9)).astype(np.float32)
+    (got,) = run_ort(export.model, {"data": x}, ["up"])
+    want = net.forward(data=x)["up"]
+    # an independent unpooling in numpy: each pooled value back at its window's first argmax, zeros
+    # elsewhere; Caffe's CEIL rounding gives 4x5 windows, the last row/column clipped to the image
+    ref = np.zeros_like(x)
+    for i in range(4):
+        for j in range(5):
+            win = x[:, :, 2 * i:min(2 * i + 2, 7), 2 * j:min(2 * j + 2, 9)]
+            w = win.shape[3]
+            k = win.reshape(2, 3, -1).argmax(-1)
+            dy, dx = np.divmod(k, w)
+            for n in range(2):
+                for c in range(3):
+                    ref[n, c, 2 * i + dy[n, c], 2 * j + dx[n, c]] = win[n, c, dy[n, c], dx[n, c]]
+    np.testing.assert_array_equal(want, ref)
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_check_catches_a_wrong_graph() -> None:
     """The check itself must fail when the graph is wrong (here: a corrupted initializer)."""
     net = net_from_text("""
