@@ -295,9 +295,8 @@ def test_corpus_deploy_nets_found() -> None:
 
 def test_summary() -> None:
     """Runs last (file order): most buildable nets must have been compared with OpenCV."""
+    assert cv2_caffe() is not None, CV2_MISSING
     if not REPORT["built"]:
-        pytest.skip("run with the per-net tests")
-    if cv2_caffe() is None:
-        pytest.skip(CV2_MISSING)
+        return  # run alone (-k): the per-net tests did not run in this process, nothing to summarise
     print("\n".join(f"{k}: {v}" for k, lines in REPORT.items() for v in lines))
     assert len(REPORT["compared"]) >= 0.8 * len(REPORT["built"]), REPORT["not_compared"]

@@ -32,8 +32,7 @@ VANILLA = REAL / "vanillacnn_ishay2b"
 
 def _cv2_or_skip():
     cv2 = cv2_caffe()
-    if cv2 is None:
-        pytest.skip("OpenCV's Caffe importer is missing (OpenCV 5 removed it): install opencv-python-headless<5")
+    assert cv2 is not None, "OpenCV's Caffe importer is missing (OpenCV 5 removed it): install requirements-dev.txt"
     return cv2
 
 
@@ -254,7 +253,7 @@ H5_MODELS = sorted(CORPUS.rglob("*.caffemodel.h5"))
 def test_hdf5_caffemodel_matches_h5py(path: Path) -> None:
     """Caffe's HDF5 snapshot: /data/<layer>/<blob index>. caffeport's reader == h5py's datasets, and a
     binary twin (same name without .h5), where the corpus has one, holds the same blobs."""
-    h5py = pytest.importorskip("h5py")
+    import h5py
     blobs = load_caffemodel(path)
     with h5py.File(path, "r") as f:
         ref = {layer: [np.asarray(f["data"][layer][str(i)]) for i in range(len(f["data"][layer]))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import cv2
@@ -107,14 +108,8 @@ def test_reader_errors_name_path(tmp_path: Path) -> None:
         LMDBReader(tmp_path / "plain")
 
 
-def test_leveldb_without_plyvel_is_a_clear_error(tmp_path: Path) -> None:
-    pytest.importorskip("lmdb")
-    try:
-        import plyvel  # noqa: F401
-
-        pytest.skip("plyvel installed")
-    except ImportError:
-        pass
+def test_leveldb_without_plyvel_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "plyvel", None)  # as if plyvel were not installed
     (tmp_path / "ldb").mkdir()
     with pytest.raises(CaffeportError, match="plyvel.*LMDB"):
         open_reader(tmp_path / "ldb", caffe_pb2.DataParameter.LEVELDB)

@@ -919,8 +919,7 @@ def test_zoo_ssd_nets_with_random_weights_match_opencv(proto: Path, tmp_path: Pa
     """Model-zoo SSD deploy nets ship no weights: caffeport's filler weights are saved as a
     caffemodel that both sides load."""
     _cv2_caffe()
-    if not proto.exists():
-        pytest.skip("corpus net not present")
+    assert proto.exists(), f"{proto} is missing from the corpus"
     from caffeport.net import Net
 
     torch.manual_seed(0)
@@ -940,8 +939,7 @@ def test_shufflenets_with_random_weights_match_opencv(proto: Path, tmp_path: Pat
     """ShuffleChannel and ConvolutionDepthwise outputs (not overwritten by in-place layers) and the
     final scores against OpenCV, with filler weights and sane BatchNorm statistics."""
     cv2 = _cv2_caffe()
-    if not proto.exists():
-        pytest.skip("corpus net not present")
+    assert proto.exists(), f"{proto} is missing from the corpus"
     from caffeport.net import Net
 
     torch.manual_seed(0)

@@ -251,7 +251,10 @@ def test_plot_log_writes_a_png(finetuned: dict, tmp_path: Path) -> None:
 CORPUS_LOGS = sorted(glob.glob(str(CORPUS / "third_party_runs" / "*" / "caffe_models" / "*" / "model_*_train.log")))
 
 
-@pytest.mark.skipif(not CORPUS_LOGS, reason="shared corpus not available")
+def test_corpus_has_caffe_logs() -> None:
+    assert len(CORPUS_LOGS) >= 4, "the shared corpus's tutorial training logs are missing"
+
+
 @pytest.mark.parametrize("log", CORPUS_LOGS, ids=lambda p: "/".join(Path(p).parts[-4:-1]))
 def test_parse_log_on_real_caffe_logs(log: str, tmp_path: Path) -> None:
     from caffeport.tools.logs import write_parse_log_csv
@@ -349,12 +352,9 @@ def test_predict_writes_kaggle_csv(recipe: dict, finetuned: dict, tmp_path: Path
 
 
 def test_tutorial_pycaffe_flow_through_compat(recipe: dict, finetuned: dict) -> None:
-    compat = pytest.importorskip("caffeport.compat")
-    caffe = compat
-    if not all(hasattr(caffe, a) for a in ("Net", "TEST", "io", "proto")):
-        pytest.skip("caffeport.compat is not complete yet")
     import cv2
 
+    import caffeport.compat as caffe
     from caffeport.proto import caffe_pb2 as our_pb2
 
     caffe_pb2 = caffe.proto.caffe_pb2
