@@ -3,7 +3,7 @@ gradient check (Caffe's GradientChecker idea) in float64."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,15 +53,21 @@ def fd_check(layer: Layer, inputs: list[torch.Tensor], check: tuple[int, ...] | 
     assert targets, "nothing to check"
     analytic = [t.grad.clone() if t.grad is not None else torch.zeros_like(t) for t in targets]
     for t, a in zip(targets, analytic):
-        flat = t.data.view(-1)
-        num = torch.empty_like(flat)
-        with torch.no_grad():
-            for i in range(flat.numel()):
-                orig = float(flat[i])
-                flat[i] = orig + step
-                fp = float(objective())
-                flat[i] = orig - step
-                fm = float(objective())
-                flat[i] = orig
-                num[i] = (fp - fm) / (2 * step)
-        np.testing.assert_allclose(a.reshape(-1).numpy(), num.numpy(), atol=atol, rtol=rtol)
+        num = fd_grad(objective, t, step)
+        np.testing.assert_allclose(a.reshape(-1).numpy(), num.reshape(-1), atol=atol, rtol=rtol)
+
+
+def fd_grad(f: Callable[[], torch.Tensor], x: torch.Tensor, eps: float = 1e-6) -> np.ndarray:
+    """Central finite differences of the scalar ``f()`` with respect to every element of ``x``."""
+    g = np.zeros(tuple(x.shape))
+    flat = x.data.view(-1)
+    with torch.no_grad():
+        for i in range(flat.numel()):
+            old = flat[i].item()
+            flat[i] = old + eps
+            fp = float(f())
+            flat[i] = old - eps
+            fm = float(f())
+            flat[i] = old
+            g.reshape(-1)[i] = (fp - fm) / (2 * eps)
+    return g

@@ -9,7 +9,7 @@ import torch
 
 from caffeport.errors import CaffeportError
 from caffeport.proto import caffe_pb2
-from tests.layers.helpers import make
+from tests.layers.helpers import fd_grad, make
 
 RNG = np.random.default_rng(1234)
 
@@ -20,21 +20,6 @@ def t64(a, grad=False):
 
 def val(t: torch.Tensor) -> float:
     return float(t.detach())
-
-
-def fd_grad(f, x: torch.Tensor, eps: float = 1e-6) -> np.ndarray:
-    """Central finite differences of the scalar f() with respect to every element of x."""
-    g = np.zeros(x.shape)
-    flat = x.data.view(-1)
-    for i in range(flat.numel()):
-        old = flat[i].item()
-        flat[i] = old + eps
-        fp = float(f())
-        flat[i] = old - eps
-        fm = float(f())
-        flat[i] = old
-        g.reshape(-1)[i] = (fp - fm) / (2 * eps)
-    return g
 
 
 def analytic(f, xs):

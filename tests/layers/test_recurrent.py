@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from caffeport.errors import CaffeportError
-from tests.layers.helpers import make
+from tests.layers.helpers import fd_grad, make
 
 RNG = np.random.default_rng(7)
 
@@ -64,16 +64,7 @@ def fd_check(f, xs, eps=1e-6, atol=1e-7, rtol=1e-5):
     got = torch.autograd.grad(out, xs, allow_unused=True)
     with torch.no_grad():
         for x, g in zip(xs, got):
-            num = np.zeros(x.shape)
-            flat = x.data.view(-1)
-            for i in range(flat.numel()):
-                old = flat[i].item()
-                flat[i] = old + eps
-                fp = float(f())
-                flat[i] = old - eps
-                fm = float(f())
-                flat[i] = old
-                num.reshape(-1)[i] = (fp - fm) / (2 * eps)
+            num = fd_grad(f, x, eps)
             np.testing.assert_allclose(g.numpy() if g is not None else np.zeros(x.shape), num, atol=atol, rtol=rtol)
 
 
