@@ -5,8 +5,10 @@
   first record of the LMDB when readable, else from ``input_shapes``), ``SoftmaxWithLoss`` becomes
   ``Softmax`` with top ``prob`` (``SigmoidCrossEntropyLoss`` -> ``Sigmoid``), other losses and
   ``Accuracy`` are dropped, then every layer that only fed dropped layers (or needs a dropped blob,
-  e.g. the label). Training-only fields (``param`` lr/decay multipliers, fillers, ``include``/
-  ``exclude``, ``loss_weight``, ``propagate_down``) are stripped.
+  e.g. the label). Nets already fed by ``Input`` layers (hand-written TEST nets with a label input)
+  keep their data inputs and lose the label tops that only dropped layers read. Training-only
+  fields (``param`` lr/decay multipliers, fillers, ``include``/``exclude``, ``loss_weight``,
+  ``propagate_down``) are stripped.
 - :func:`convolutionalize`: InnerProduct -> Convolution over the bottom's whole spatial extent (the
   first fc) or 1x1 (later fcs), weights reshaped (Caffe's ``net_surgery`` / OverFeat "fully
   convolutional" nets).
@@ -158,6 +160,40 @@ def _fresh_name(want: str, used: set[str]) -> str:
     return name
 
 
+def _drop_label_inputs(layers: Sequence[caffe_pb2.LayerParameter], new_layers: dict[int, caffe_pb2.LayerParameter],
+                       orig_reads: Sequence[Sequence[tuple[str, int]]], reads: Sequence[Sequence[tuple[str, int]]],
+                       writes: Sequence[Sequence[tuple[str, int]]], dropped: set[int]) -> None:
+    """Input-fed nets: an ``Input`` top that was read, but only by layers the deploy form drops (or
+    by a loss that became Softmax/Sigmoid, which no longer reads the label), is a label: remove it
+    (and its shape); an ``Input`` layer left with no top goes. Unread tops stay (they are outputs)."""
+    for i, lp in enumerate(layers):
+        if lp.type != "Input" or i not in new_layers:
+            continue
+        keep = []
+        for w in writes[i]:
+            readers = [k for k, rs in enumerate(orig_reads) if w in rs]
+            live = [k for k in readers if k not in dropped and w in reads[k]]
+            keep.append(not readers or bool(live))
+        if all(keep):
+            continue
+        inp = new_layers[i]
+        shapes = [caffe_pb2.BlobShape() for _ in inp.top]
+        for j in range(len(inp.top)):
+            if len(inp.input_param.shape):
+                shapes[j].CopyFrom(inp.input_param.shape[min(j, len(inp.input_param.shape) - 1)])
+        per_top = len(inp.input_param.shape) > 1
+        tops = [t for t, k in zip(inp.top, keep) if k]
+        kept_shapes = [s for s, k in zip(shapes, keep) if k]
+        del inp.top[:]
+        inp.top.extend(tops)
+        if per_top:
+            del inp.input_param.shape[:]
+            for s in kept_shapes:
+                inp.input_param.shape.add().CopyFrom(s)
+        if not tops:
+            dropped.add(i)
+
+
 def deploy_net(net: caffe_pb2.NetParameter, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
                batch: int | None = None, source: str = "<net>", root: PathLike | None = None,
                keep_training_fields: bool = False) -> caffe_pb2.NetParameter:
@@ -169,13 +205,30 @@ def deploy_net(net: caffe_pb2.NetParameter, *, input_shapes: Mapping[str, Sequen
     src = filter_net(net, net_state(caffe_pb2.TEST, 0, ()), source)
     layers = list(src.layer)
     reads, writes = _versions(layers)
+    orig_reads = [list(r) for r in reads]
     dropped: set[int] = set()
     dead_blobs: set[tuple[str, int]] = set()
     new_layers: dict[int, caffe_pb2.LayerParameter] = {}
     used_names = {lp.name for lp in layers} | {t for lp in layers for t in lp.top}
     input_tops: list[str] = []
     for i, lp in enumerate(layers):
-        if _is_data(lp) and lp.type != "Input":
+        if lp.type == "Input":  # already an input: keep it (label-only tops go below), reshape on demand
+            inp = caffe_pb2.LayerParameter()
+            inp.CopyFrom(lp)
+            given = {t: shapes_given.pop(t) for t in lp.top if t in shapes_given}
+            if given:
+                from caffeport.export.common import set_input_shapes
+
+                holder = caffe_pb2.NetParameter()
+                holder.layer.add().CopyFrom(inp)
+                set_input_shapes(holder, given, source)
+                inp.CopyFrom(holder.layer[0])
+            if batch:
+                for s in inp.input_param.shape:
+                    if len(s.dim):
+                        s.dim[0] = int(batch)
+            new_layers[i] = inp
+        elif _is_data(lp):
             shapes = data_input_shapes(lp, root_path)
             inp = caffe_pb2.LayerParameter(name=lp.name, type="Input")
             for j, top in enumerate(lp.top):
@@ -233,6 +286,9 @@ def deploy_net(net: caffe_pb2.NetParameter, *, input_shapes: Mapping[str, Sequen
             if needs_dead or feeds_dropped:
                 dropped.add(i)
                 changed = True
+    _drop_label_inputs(layers, new_layers, orig_reads, reads, writes, dropped)
+    input_tops += [t for i, new in new_layers.items() if i not in dropped and new.type == "Input"
+                   and layers[i].type == "Input" for t in new.top]
     out = caffe_pb2.NetParameter()
     out.CopyFrom(src)
     del out.layer[:]

@@ -133,3 +133,99 @@ def test_truncate_train_val_keeps_both_data_layers() -> None:
     cut, _ = truncate(msg, "pool5")
     names = [lp.name for lp in cut.layer]
     assert names.count("data") == 2 and names[-1] == "pool5" and "fc6" not in names
+
+
+# --------------------------------------------------------------------------------------------------
+# Input-fed TEST nets (data AND label as Input layers, plus Accuracy and a loss)
+# --------------------------------------------------------------------------------------------------
+INPUT_FED = """
+name: "input_fed"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 4 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        param { lr_mult: 1 } convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip" inner_product_param { num_output: 5 } }
+layer { name: "label_copy" type: "Power" bottom: "label" top: "label2" }
+layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label2" top: "acc" }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+INPUT_FED_DEPLOY = """
+name: "input_fed"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip" inner_product_param { num_output: 5 } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+# One Input layer with both tops (per-top shapes).
+INPUT_FED_ONE_LAYER = """
+layer { name: "in" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } shape { dim: 4 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 5 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def test_deploy_of_input_fed_net_matches_hand_written() -> None:
+    derived = deploy_net(parse_net_text(INPUT_FED))
+    assert derived == parse_net_text(INPUT_FED_DEPLOY), str(derived)
+    one = deploy_net(parse_net_text(INPUT_FED_ONE_LAYER), batch=2)
+    assert [(lp.name, list(lp.top)) for lp in one.layer] == [("in", ["data"]), ("ip", ["ip"]), ("prob", ["prob"])]
+    assert [list(s.dim) for s in one.layer[0].input_param.shape] == [[2, 3, 6, 6]]
+    shaped = deploy_net(parse_net_text(INPUT_FED), input_shapes={"data": (1, 3, 9, 9)})
+    assert list(shaped.layer[0].input_param.shape[0].dim) == [1, 3, 9, 9]
+    with pytest.raises(CaffeportError, match="'nope'"):
+        deploy_net(parse_net_text(INPUT_FED), input_shapes={"nope": (1, 2)})
+
+
+def _numpy_prob(weights: dict, x: np.ndarray) -> np.ndarray:
+    """The deploy net's output written out with numpy: conv 3x3 valid, ReLU, fc, softmax."""
+    w, b = weights["conv"]
+    n, c, h, wd = x.shape
+    conv = np.zeros((n, w.shape[0], h - 2, wd - 2))
+    for i in range(h - 2):
+        for j in range(wd - 2):
+            conv[:, :, i, j] = np.einsum("nckl,ockl->no", x[:, :, i:i + 3, j:j + 3], w) + b
+    conv = np.maximum(conv, 0)
+    wf, bf = weights["ip"]
+    ip = conv.reshape(n, -1) @ wf.T + bf
+    e = np.exp(ip - ip.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_input_fed_net_exports_through_the_cli(tmp_path) -> None:
+    import onnxruntime as ort
+    import torch
+    from click.testing import CliRunner
+
+    from caffeport.cli import main
+    from caffeport.io import save_caffemodel
+
+    model = tmp_path / "test.prototxt"
+    model.write_text(INPUT_FED)
+    rng = np.random.default_rng(3)
+    f32 = np.float32
+    weights = {"conv": [rng.standard_normal((4, 3, 3, 3)).astype(f32), rng.standard_normal(4).astype(f32)],
+               "ip": [rng.standard_normal((5, 64)).astype(f32) * 0.3, rng.standard_normal(5).astype(f32)]}
+    w = tmp_path / "w.caffemodel"
+    save_caffemodel(weights, w)
+    x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    want = _numpy_prob(weights, x.astype(np.float64))
+    runner = CliRunner()
+    r = runner.invoke(main, ["export-onnx", str(model), "-w", str(w), "-o", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0, r.output
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["data"] and [o.name for o in sess.get_outputs()] == ["prob"]
+    np.testing.assert_allclose(sess.run(["prob"], {"data": x})[0], want, rtol=1e-4, atol=1e-6)
+    r = runner.invoke(main, ["export-torch", str(model), "-w", str(w), "--export", "-o", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 0, r.output
+    got = torch.export.load(str(tmp_path / "m.pt2")).module()(torch.from_numpy(x))[0]
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-6)
+    r = runner.invoke(main, ["deploy", str(model), "-o", str(tmp_path / "d.prototxt"), "--batch", "1"])
+    assert r.exit_code == 0, r.output
+    d = read_net(tmp_path / "d.prototxt")
+    assert [lp.name for lp in d.layer] == ["data", "conv", "relu", "ip", "prob"]
+    assert list(d.layer[0].input_param.shape[0].dim) == [1, 3, 6, 6]
