@@ -42,6 +42,12 @@ _LAZY = {
 }
 
 
+def pycaffe_module() -> Any:
+    """What ``import caffe`` resolves to inside trusted user Python layers when pycaffe is not installed
+    (caffeport.compat); the layers package asks the package root rather than importing compat itself."""
+    return import_module("caffeport.compat")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)

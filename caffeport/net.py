@@ -348,11 +348,15 @@ class Net:
 
     ``Net(model, weights=None, phase=TEST, level=0, stages=(), device=None)`` where ``model`` is a
     prototxt path (text or binary, legacy formats upgraded) or a ``NetParameter``.
+    ``allow_python_layers=True`` lets ``type: "Python"`` layers import the module their prototxt names
+    (user code; off by default, unlike pycaffe; built-in equivalents such as py-faster-rcnn's proposal
+    layer always run).
     """
 
     def __init__(self, model: PathLike | caffe_pb2.NetParameter, weights: PathLike | None = None,
                  phase: int = TEST, *, level: int = 0, stages: Sequence[str] = (),
-                 device: str | torch.device | None = None, root: PathLike | None = None):
+                 device: str | torch.device | None = None, root: PathLike | None = None,
+                 allow_python_layers: bool | None = None):
         if phase not in (TRAIN, TEST):
             raise CaffeportError(f"phase must be caffeport.TRAIN ({TRAIN}) or caffeport.TEST ({TEST}), got {phase!r}")
         msg, source, folder = _read_net(model)
@@ -362,6 +366,8 @@ class Net:
         self.net_param = filter_net(msg, state, source)
         split_net = insert_splits(self.net_param)
         self.ctx = BuildContext(phase=phase, root=Path(root) if root else folder, source=source)
+        if allow_python_layers is not None:  # None: caffeport.layers.base.allow_python_layers() / the CLI flag
+            self.ctx.allow_python_layers = bool(allow_python_layers)
         plans, shapes = build_plans(split_net, self.ctx, bool(msg.force_backward))
         self._plans = plans
         # Outputs: blobs still available at the end (Caffe's available_blobs, a std::set, so in sorted
@@ -673,7 +679,8 @@ class Net:
         return f"Net({self.source!r}, phase={'TRAIN' if self.phase == TRAIN else 'TEST'}, layers={len(self._plans)})"
 
 
-def load_module(model: PathLike, weights: PathLike | None = None, device: str | None = None) -> NetModule:
+def load_module(model: PathLike, weights: PathLike | None = None, device: str | None = None, *,
+                allow_python_layers: bool | None = None) -> NetModule:
     """One line from a legacy deploy net + caffemodel to an eval-mode ``torch.nn.Module``."""
-    net = Net(model, weights, phase=TEST, device=device)
+    net = Net(model, weights, phase=TEST, device=device, allow_python_layers=allow_python_layers)
     return net.module.eval()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from caffeport.cli._group import main
+from caffeport.cli._group import allow_python_layers_option, main
 from caffeport.errors import CaffeportError
 
 _input_shape_opt = click.option(
@@ -25,6 +25,7 @@ def _load(model: str, weights: str | None, input_shapes: tuple[str, ...], batch:
 
 
 @main.command("export-onnx")
+@allow_python_layers_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--weights", "-w", type=click.Path(exists=True, dir_okay=False), help=".caffemodel (or .h5).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
@@ -52,6 +53,7 @@ def export_onnx(model: str, weights: str | None, output: str, opset: int, input_
 
 
 @main.command("export-torch")
+@allow_python_layers_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--weights", "-w", type=click.Path(exists=True, dir_okay=False), help=".caffemodel (or .h5).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
@@ -84,6 +86,7 @@ def export_torch(model: str, weights: str | None, output: str, kind: str | None,
 
 
 @main.command("export-weights")
+@allow_python_layers_option
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--weights", "-w", type=click.Path(exists=True, dir_okay=False), help=".caffemodel (or .h5).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
@@ -145,6 +148,7 @@ def deploy(model: str, output: str, input_shapes: tuple[str, ...], batch: int | 
 
 
 @main.command("convolutionalize")
+@allow_python_layers_option
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--weights", "-w", type=click.Path(exists=True, dir_okay=False), help=".caffemodel to convert.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="New prototxt.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from caffeport.cli._group import main
+from caffeport.cli._group import allow_python_layers_option, main
 
 
 @main.command("create-lmdb")
@@ -40,6 +40,7 @@ def create_lmdb_cmd(train_dir: str, out_dir: str, test_dir: str | None, width: i
 
 
 @main.command("predict")
+@allow_python_layers_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Deploy prototxt (an Input layer and a 'prob' output), e.g. caffenet_deploy_2.prototxt.")

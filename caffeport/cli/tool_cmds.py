@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from caffeport.cli._group import main
+from caffeport.cli._group import allow_python_layers_option, main
 
 
 def _opt(name: str, **kw):  # type: ignore[no-untyped-def]
@@ -108,6 +108,7 @@ def compute_image_mean_cmd(backend: str, db: str, output: str | None) -> None:
 
 
 @main.command("extract-features")
+@allow_python_layers_option
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False))
 @click.argument("net", type=click.Path(exists=True, dir_okay=False))
 @click.argument("blobs")

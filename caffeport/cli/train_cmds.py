@@ -17,7 +17,7 @@ import click
 import numpy as np
 import torch
 
-from caffeport.cli._group import main
+from caffeport.cli._group import allow_python_layers_option, main
 from caffeport.errors import CaffeportError
 
 
@@ -60,6 +60,7 @@ def _device(gpu: str | None, log: Any, single: bool = True) -> torch.device | No
 
 
 @main.command("train")
+@allow_python_layers_option
 @click.argument("solver_file", required=False, type=click.Path(dir_okay=False))
 @_opt("solver", default=None, help="The solver definition protocol buffer text file.")
 @_opt("weights", default=None, help="Pretrained weights to fine-tune from, separated by ','. Not with --snapshot.")
@@ -111,6 +112,7 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
 
 
 @main.command("test")
+@allow_python_layers_option
 @_opt("model", required=True, help="The model definition (net prototxt) to score.")
 @_opt("weights", required=True, help="The weights (.caffemodel, ',' separated) to score.")
 @_opt("iterations", type=int, default=50, show_default=True, help="Number of batches.")
@@ -233,6 +235,7 @@ class _LayerTimer:
 
 
 @main.command("time")
+@allow_python_layers_option
 @_opt("model", required=True, help="The model definition (net prototxt) to time.")
 @_opt("iterations", type=int, default=50, show_default=True, help="Number of forward-backward passes.")
 @_opt("phase", default="TRAIN", show_default=True, type=click.Choice(["TRAIN", "TEST"]), help="Net phase.")

@@ -88,7 +88,9 @@ class Net(_Net):
             model = model.decode()
         if isinstance(weights, bytes):
             weights = weights.decode()
-        super().__init__(model, weights, phase, level=level, stages=tuple(stages or ()), device=_device())
+        # pycaffe runs Python layers unasked; so does the compat layer (caffeport.Net needs the opt-in)
+        super().__init__(model, weights, phase, level=level, stages=tuple(stages or ()), device=_device(),
+                         allow_python_layers=True)
 
     @property
     def layers(self) -> list[_LayerView]:  # type: ignore[override]
@@ -122,6 +124,29 @@ class Net(_Net):
         return {o: np.concatenate(v) if v else np.zeros((0,)) for o, v in all_outs.items()}
 
 
+def _trusting(factory: Any) -> Any:
+    """Wrap a solver class/factory so that the nets it builds may run Python layers (pycaffe's behaviour)."""
+    import functools
+
+    from caffeport.layers.base import allow_python_layers
+
+    if isinstance(factory, type):
+        class Trusting(factory):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                with allow_python_layers(True):
+                    super().__init__(*args, **kwargs)
+
+        Trusting.__name__ = Trusting.__qualname__ = factory.__name__
+        return Trusting
+
+    @functools.wraps(factory)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with allow_python_layers(True):
+            return factory(*args, **kwargs)
+
+    return call
+
+
 def layer_type_list() -> list[str]:
     from caffeport.layers.base import registry
 
@@ -134,7 +159,7 @@ def __getattr__(name: str) -> Any:
                 "AdaDeltaSolver", "AdamSolver", "Solver"}:
         import caffeport.solver as _solver
 
-        return getattr(_solver, name)
+        return _trusting(getattr(_solver, name))
     if name == "Layer":  # base class for Python layers (caffe.Layer)
         from caffeport.layers import python as _py
 

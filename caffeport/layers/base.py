@@ -19,7 +19,10 @@ shapes (e.g. InnerProduct weight ``(N, K)``), so that ``.caffemodel`` files map 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,7 +60,8 @@ def _load_families() -> None:
     # Importing the family modules fills the registry.
     import importlib
 
-    for mod in ("input", "common", "neuron", "vision", "loss", "recurrent", "data", "python", "detection", "forks"):
+    for mod in ("input", "common", "neuron", "vision", "loss", "recurrent", "data", "python", "proposal", "detection",
+                "forks"):
         try:
             importlib.import_module(f"caffeport.layers.{mod}")
         except ModuleNotFoundError as e:  # a family not written yet
@@ -77,6 +81,47 @@ def layer_class(type_name: str) -> type[Layer] | None:
     return registry().get(type_name)
 
 
+# Trust in user code: Python layers import and run the module their prototxt names only when the
+# caller opted in (Net(..., allow_python_layers=True), CLI --allow-python-layers, caffeport.compat).
+_ALLOW_PYTHON_LAYERS: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_python_layers", default=False)
+ALLOW_PYTHON_ENV = "CAFFEPORT_ALLOW_PYTHON_LAYERS"  # "1": set by the CLI flag so spawned workers inherit it
+
+
+def python_layers_allowed() -> bool:
+    """Whether nets built now may import user Python layer modules (default: no)."""
+    return _ALLOW_PYTHON_LAYERS.get() or os.environ.get(ALLOW_PYTHON_ENV) == "1"
+
+
+@contextlib.contextmanager
+def allow_python_layers(allow: bool = True) -> Iterator[None]:
+    """Within the block, nets built without an explicit ``allow_python_layers`` use ``allow``."""
+    token = _ALLOW_PYTHON_LAYERS.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_PYTHON_LAYERS.reset(token)
+
+
+# Upper bound on the elements of one parameter blob or top (2^31: 8 GiB of float32), so that a
+# prototxt asking for absurd sizes (num_output: 2000000000) fails naming the layer, not with MemoryError.
+MAX_BLOB_ELEMENTS = int(os.environ.get("CAFFEPORT_MAX_BLOB_ELEMENTS", str(2**31)))
+
+
+def check_blob_elements(shape: Sequence[int], what: str) -> int:
+    """Element count of ``shape``, computed without overflow; CaffeportError text (``what`` names the
+    file/layer/field) when a dimension is negative or the count exceeds ``MAX_BLOB_ELEMENTS``."""
+    n = 1
+    for d in shape:
+        d = int(d)
+        if d < 0:
+            raise CaffeportError(f"{what}: shape {tuple(int(x) for x in shape)} has a negative dimension")
+        n *= d
+    if n > MAX_BLOB_ELEMENTS:
+        raise CaffeportError(f"{what}: shape {tuple(int(x) for x in shape)} has {n} elements, more than the "
+                             f"limit {MAX_BLOB_ELEMENTS} (CAFFEPORT_MAX_BLOB_ELEMENTS)")
+    return n
+
+
 @dataclass
 class BuildContext:
     """What a layer may need from the net being built, beyond its own LayerParameter."""
@@ -85,6 +130,8 @@ class BuildContext:
     root: Path = field(default_factory=Path.cwd)  # folder that relative paths in the net resolve against
     source: str = "<net>"  # the net file's name, for error messages
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. Python layer search paths
+    # May Python layers import the module their python_param names? (built-in equivalents always run)
+    allow_python_layers: bool = field(default_factory=python_layers_allowed)
 
     def resolve(self, path: str) -> Path:
         p = Path(path)
@@ -157,6 +204,7 @@ class Layer(nn.Module):
         """Append a parameter blob of Caffe shape ``shape``, initialised by a FillerParameter."""
         from caffeport.fillers import fill
 
+        check_blob_elements(shape, f"{self.ctx.source}: layer '{self.name}' ({self.param.type}) blob {len(self.blobs)}")
         data = fill(tuple(int(s) for s in shape), filler)
         p = nn.Parameter(data, requires_grad=requires_grad)
         self.blobs.append(p)

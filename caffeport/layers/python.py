@@ -26,7 +26,8 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -162,6 +163,17 @@ class PythonLayerBase:
         pass
 
 
+# What ``import caffe`` gives user modules when no real pycaffe is installed. The layer does not reach up
+# into caffeport.compat: the package root (or compat itself) registers a factory with set_caffe_module.
+_CAFFE_MODULE_FACTORY: Callable[[], ModuleType] | None = None
+
+
+def set_caffe_module(factory: Callable[[], ModuleType] | None) -> None:
+    """Register what ``import caffe`` resolves to inside user Python layers (pycaffe look-alike)."""
+    global _CAFFE_MODULE_FACTORY
+    _CAFFE_MODULE_FACTORY = factory
+
+
 def _ensure_caffe_module() -> None:
     """Make ``import caffe`` work in user modules when pycaffe is not installed."""
     if "caffe" in sys.modules:
@@ -171,9 +183,34 @@ def _ensure_caffe_module() -> None:
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        import caffeport.compat as compat
+        factory = _CAFFE_MODULE_FACTORY
+        if factory is None:
+            import caffeport
 
-        sys.modules["caffe"] = compat
+            factory = getattr(caffeport, "pycaffe_module", None)
+        if factory is not None:
+            sys.modules["caffe"] = factory()
+
+
+# Built-in equivalents of well-known Python layers, keyed by (python_param.module, python_param.layer):
+# a prototxt naming one of them gets caffeport's own layer class (no user code runs, no opt-in needed).
+_EQUIVALENTS: dict[tuple[str, str], type[Layer]] = {}
+
+
+def register_python_equivalent(module: str, layer: str) -> Callable[[type[Layer]], type[Layer]]:
+    """Class decorator: ``type: "Python"`` layers with this module/layer are built by the decorated class."""
+
+    def deco(cls: type[Layer]) -> type[Layer]:
+        _EQUIVALENTS[(module, layer)] = cls
+        return cls
+
+    return deco
+
+
+def python_equivalent(param: Any) -> type[Layer] | None:
+    """The built-in class standing in for this Python layer's module/layer, if any."""
+    pp = param.python_param
+    return _EQUIVALENTS.get((pp.module, pp.layer))
 
 
 @contextlib.contextmanager
@@ -233,12 +270,24 @@ class PythonLayer(Layer):
     tensors, inside one ``torch.autograd.Function``, so the gradient is whatever the user's
     ``backward`` writes (Caffe's semantics), not autograd's."""
 
+    def __new__(cls, param: Any = None, bottom_shapes: Any = None, ctx: Any = None) -> Any:
+        # A well-known Python layer with a built-in equivalent is built by that class instead (and then
+        # Python's __init__ protocol skips PythonLayer.__init__: the returned object is not one).
+        equivalent = python_equivalent(param) if param is not None else None
+        if equivalent is not None:
+            return equivalent(param, bottom_shapes, ctx)
+        return super().__new__(cls)
+
     def setup(self, bottom_shapes: list[Shape]) -> None:
         pp = self.param.python_param
         if not pp.module:
             raise self.error("python_param.module must be set")
         if not pp.layer:
             raise self.error("python_param.layer must be set")
+        if not self.ctx.allow_python_layers:
+            raise self.error(
+                f"python_param.module '{pp.module}' (class '{pp.layer}') is user code and is not imported "
+                "unless asked: pass allow_python_layers=True (CLI: --allow-python-layers) if you trust it")
         cls = self._import_class(pp.module, pp.layer)
         try:
             obj = cls(self.param)

@@ -82,7 +82,7 @@ def make(tmp_path, module, cls, bottom_shapes, ntop=1, param_str="", phase=TRAIN
     lp.python_param.param_str = param_str
     lp.bottom.extend(f"b{i}" for i in range(len(bottom_shapes)))
     lp.top.extend(f"t{i}" for i in range(ntop))
-    return layer_class("Python")(lp, bottom_shapes, BuildContext(phase=phase, root=tmp_path))
+    return layer_class("Python")(lp, bottom_shapes, BuildContext(phase=phase, root=tmp_path, allow_python_layers=True))
 
 
 def test_forward_backward_params_and_pycaffe_attributes(tmp_path):
@@ -164,4 +164,4 @@ def test_errors(tmp_path):
         make(tmp_path, mod, "Broken", [(1,)])
     lp = caffe_pb2.LayerParameter(name="py", type="Python", bottom=["b"], top=["t"])
     with pytest.raises(CaffeportError, match="python_param.module"):
-        layer_class("Python")(lp, [(1,)], BuildContext(root=tmp_path))
+        layer_class("Python")(lp, [(1,)], BuildContext(root=tmp_path, allow_python_layers=True))
