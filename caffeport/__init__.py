@@ -39,7 +39,9 @@ _LAZY = {
     "load_caffemodel_net": "caffeport.io",
     "Solver": "caffeport.solver",
     "get_solver": "caffeport.solver",
+    "from_solver": "caffeport.optim",
 }
+_SUBMODULES = ("optim",)
 
 
 def pycaffe_module() -> Any:
@@ -51,8 +53,10 @@ def pycaffe_module() -> Any:
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return import_module(f"caffeport.{name}")
     raise AttributeError(f"module 'caffeport' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))

@@ -36,13 +36,14 @@ def _f32(x: float) -> float:
 
 
 def learning_rate(param: caffe_pb2.SolverParameter, it: int, current_step: int,
-                  source: str = "<solver>") -> tuple[float, int, bool]:
-    """``(rate, new current_step, multistep advanced?)`` for iteration ``it``.
+                  source: str = "<solver>", base_lr: float | None = None) -> tuple[float, int, bool]:
+    """``(rate, new current_step, multistep advanced?)`` for iteration ``it`` (``base_lr`` overrides
+    the message's, for optimizer param groups with their own initial lr).
 
     Raises :class:`CaffeportError` for an unknown policy or an invalid parameter (Caffe's CHECKs).
     """
     policy = param.lr_policy
-    base = float(param.base_lr)
+    base = float(param.base_lr if base_lr is None else base_lr)
     gamma = float(param.gamma)
     advanced = False
 

@@ -37,7 +37,7 @@ from caffeport.proto import caffe_pb2
 from caffeport.solver import snapshot as snap
 from caffeport.solver.logging import Glog, cfloat
 from caffeport.solver.policies import learning_rate
-from caffeport.solver.updates import RULES, UpdateRule, clip_gradients, f32, normalize, regularize
+from caffeport.solver.updates import RULES, UpdateRule, f32
 
 __all__ = [
     "Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver",
@@ -85,6 +85,46 @@ def _merged_state(phase: int, net_msg: caffe_pb2.NetParameter, extra: caffe_pb2.
         if s not in stages:
             stages.append(s)
     return int(st.phase), int(st.level), stages
+
+
+def build_net(model: PathLike | caffe_pb2.NetParameter, phase: int, extra: caffe_pb2.NetState | None,
+              device: torch.device | None, source: str = "<solver>") -> Any:
+    """A solver's train or test :class:`~caffeport.net.Net` with Caffe's NetState precedence."""
+    from caffeport.io import read_net
+    from caffeport.net import Net
+
+    if isinstance(model, caffe_pb2.NetParameter):
+        msg = model
+    else:
+        if not Path(model).exists():
+            raise CaffeportError(f"{source}: net file not found: {model}")
+        msg = read_net(model)
+    ph, level, stages = _merged_state(phase, msg, extra)
+    if isinstance(model, caffe_pb2.NetParameter):
+        m = caffe_pb2.NetParameter()
+        m.CopyFrom(model)
+        return Net(m, phase=ph, level=level, stages=stages, device=device)
+    return Net(model, phase=ph, level=level, stages=stages, device=device)
+
+
+def build_train_net(param: caffe_pb2.SolverParameter, source: str, device: torch.device | None,
+                    log: Glog | None = None) -> Any:
+    """The TRAIN net of a solver (exactly one of net, net_param, train_net, train_net_param), as
+    ``Solver::InitTrainNet``."""
+    p = param
+    log = log or Glog()
+    fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+    if len(fields) != 1:
+        raise CaffeportError(
+            f"{source}: a solver must specify exactly one train net with net, net_param, train_net "
+            f"or train_net_param (found {len(fields)}{': ' + ', '.join(fields) if fields else ''})")
+    field = fields[0]
+    model = getattr(p, field)
+    if isinstance(model, str):
+        log.info(f"Creating training net from {field} file: {model}", "train_net")
+    else:
+        log.info(f"Creating training net specified in {field}.", "train_net")
+    return build_net(model, TRAIN, p.train_state if p.HasField("train_state") else None, device, source)
 
 
 def _rank() -> int:
@@ -198,11 +238,16 @@ class Solver:
         for w in list(p.weights) + [os.fspath(x) for x in (weights or [])]:
             self.copy_weights(w)
         self._learnable = self.net.learnable_params()
-        self.history: list[list[torch.Tensor]] = [
-            [torch.zeros_like(prm.detach()) for (_, _, prm, _, _) in self._learnable]
-            for _ in range(self.rule.history_sets)
-        ]
-        self._scratch: dict[int, torch.Tensor] = {}
+        # The update runs through the caffeport.optim optimizer of this type (one implementation):
+        # every learnable blob in it, frozen ones too (their history may grow, as Caffe's does).
+        from caffeport.optim.optimizer import OPTIMIZERS, param_groups
+
+        self.optimizer = OPTIMIZERS[rule_name](param_groups(self._learnable, include_frozen=True), p)
+        self.optimizer.source = self.source
+        self.rule = self.optimizer._make_rule()
+        prms = [prm for (_, _, prm, _, _) in self._learnable]
+        hs = [self.optimizer.history_of(prm) for prm in prms]
+        self.history: list[list[torch.Tensor]] = [[h[s] for h in hs] for s in range(self.rule.history_sets)]
         self._share_test_weights()
         self.log.info("Solver scaffolding done.", "scaffold")
 
@@ -218,36 +263,10 @@ class Solver:
 
     def _build_net(self, model: PathLike | caffe_pb2.NetParameter, phase: int,
                    extra: caffe_pb2.NetState | None) -> Any:
-        from caffeport.io import read_net
-        from caffeport.net import Net
-
-        if isinstance(model, caffe_pb2.NetParameter):
-            msg = model
-        else:
-            if not Path(model).exists():
-                raise CaffeportError(f"{self.source}: net file not found: {model}")
-            msg = read_net(model)
-        ph, level, stages = _merged_state(phase, msg, extra)
-        if isinstance(model, caffe_pb2.NetParameter):
-            m = caffe_pb2.NetParameter()
-            m.CopyFrom(model)
-            return Net(m, phase=ph, level=level, stages=stages, device=self.device)
-        return Net(model, phase=ph, level=level, stages=stages, device=self.device)
+        return build_net(model, phase, extra, self.device, self.source)
 
     def _init_train_net(self) -> Any:
-        p = self.param
-        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
-        if len(fields) != 1:
-            raise CaffeportError(
-                f"{self.source}: a solver must specify exactly one train net with net, net_param, train_net "
-                f"or train_net_param (found {len(fields)}{': ' + ', '.join(fields) if fields else ''})")
-        field = fields[0]
-        model = getattr(p, field)
-        if isinstance(model, str):
-            self.log.info(f"Creating training net from {field} file: {model}", "train_net")
-        else:
-            self.log.info(f"Creating training net specified in {field}.", "train_net")
-        return self._build_net(model, TRAIN, p.train_state if p.HasField("train_state") else None)
+        return build_train_net(self.param, self.source, self.device, self.log)
 
     def _init_test_nets(self) -> list[Any]:
         p = self.param
@@ -461,39 +480,10 @@ class Solver:
                 if len(b) > 1:
                     torch._foreach_copy_(b, torch._utils._unflatten_dense_tensors(flat, b))
 
-    def _active(self) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
-        """Indices, weights and diffs of the parameters the update touches. Frozen blobs
-        (``lr_mult: 0``, no grad) are skipped unless weight decay feeds a history that grows without
-        the learning rate (AdaGrad, RMSProp, AdaDelta, Adam), as Caffe's solverstate would show."""
-        idx, ws, ds = [], [], []
-        wd = float(self.param.weight_decay)
-        for i, (_, _, prm, lr_mult, decay_mult) in enumerate(self._learnable):
-            if prm.requires_grad and lr_mult != 0:
-                if prm.grad is None:  # not reached by backward: Caffe's diff is zero
-                    prm.grad = torch.zeros_like(prm)
-                idx.append(i)
-                ws.append(prm)
-                ds.append(prm.grad)
-            elif wd * decay_mult != 0 and self.rule.uses_lr_free_history:
-                z = self._scratch.get(i)
-                if z is None or z.shape != prm.shape or z.device != prm.device:
-                    z = torch.zeros_like(prm.detach())
-                    self._scratch[i] = z
-                else:
-                    z.zero_()
-                idx.append(i)
-                ws.append(prm)
-                ds.append(z)
-        return idx, ws, ds
-
-    def _lr_mult(self, i: int) -> float:
-        _, _, prm, lr_mult, _ = self._learnable[i]
-        return lr_mult if prm.requires_grad else 0.0
-
     @torch.no_grad()
     def apply_update(self) -> None:
         """Caffe's ``SGDSolver::ApplyUpdate`` (rate, clip, normalise, regularise, update value,
-        ``w -= value``); does not increment ``iter``."""
+        ``w -= value``) through ``self.optimizer``; does not increment ``iter``."""
         p = self.param
         rate, self.current_step, advanced = learning_rate(p, self.iter, self.current_step, self.source)
         if advanced:
@@ -501,19 +491,15 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             self.log.info(f"Iteration {self.iter}, lr = {cfloat(rate)}", "lr")
         self.learning_rate = rate
-        idx, ws, ds = self._active()
-        clipped = clip_gradients(ds, float(p.clip_gradients))
+        opt = self.optimizer
+        for g in opt.param_groups:
+            g["lr"] = rate
+        opt.iter = self.iter
+        opt.step()
+        clipped = opt.last_clip
         if clipped is not None:
             self.log.info(f"Gradient clipping: scaling down gradients (L2 norm {cfloat(clipped[0])} > "
                           f"{cfloat(p.clip_gradients)}) by scale factor {cfloat(clipped[1])}", "clip")
-        normalize(ds, int(p.iter_size))
-        wd = float(p.weight_decay)
-        regularize(ds, ws, [f32(wd * self._learnable[i][4]) for i in idx], p.regularization_type, self.source)
-        rates = [f32(rate * self._lr_mult(i)) for i in idx]
-        hist = [[h[i] for i in idx] for h in self.history]
-        if ds:
-            self.rule.compute(ds, hist, rates, self.iter)
-            torch._foreach_sub_(ws, ds)
         for fn in self._update_hooks:
             fn(self.iter, rate)
 

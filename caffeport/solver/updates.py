@@ -44,7 +44,7 @@ from caffeport.proto import caffe_pb2
 
 __all__ = [
     "UpdateRule", "SGDRule", "NesterovRule", "AdaGradRule", "RMSPropRule", "AdaDeltaRule", "AdamRule",
-    "RULES", "clip_gradients", "normalize", "regularize", "f32",
+    "RULES", "clip_gradients", "normalize", "regularize", "caffe_update", "f32",
 ]
 
 Tensors = list[torch.Tensor]
@@ -282,3 +282,21 @@ def regularize(diffs: Tensors, weights: Tensors, decays: Sequence[float], kind: 
         _axpy(ds, torch._foreach_sign(ws), dec)
     else:
         raise CaffeportError(f"{source}: unknown regularization_type \"{kind}\" (Caffe knows L2 and L1)")
+
+
+def caffe_update(rule: UpdateRule, weights: Tensors, diffs: Tensors, history: list[Tensors],
+                 rates: Sequence[float], decays: Sequence[float], *, it: int, clip: float = -1.0,
+                 iter_size: int = 1, regularization: str = "L2",
+                 source: str = "<solver>") -> tuple[float, float] | None:
+    """Caffe's ``SGDSolver::ApplyUpdate`` after the rate is known, for the parameters given:
+    clip (global norm of the accumulated diffs) -> ÷``iter_size`` -> weight decay -> the rule's
+    update value -> ``w -= value``. ``diffs`` are overwritten with the update values (as Caffe's
+    diffs are). The one implementation shared by :class:`caffeport.solver.Solver` and the
+    :mod:`caffeport.optim` optimizers. Returns ``(norm, scale)`` when it clipped."""
+    clipped = clip_gradients(diffs, float(clip))
+    normalize(diffs, int(iter_size))
+    regularize(diffs, weights, decays, regularization, source)
+    if diffs:
+        rule.compute(diffs, history, rates, it)
+        torch._foreach_sub_(weights, diffs)
+    return clipped
