@@ -165,3 +165,25 @@ def __getattr__(name: str) -> Any:
 
         return getattr(_py, "PythonLayerBase", object)
     raise AttributeError(name)
+
+# pycaffe's net_spec, draw, coord_map, Detector and module-level helpers (caffeport/compat/*.py).
+from caffeport.compat import coord_map, draw, net_spec  # noqa: E402
+from caffeport.compat._misc import (  # noqa: E402
+    NCCL,
+    Timer,
+    __version__,
+    has_nccl,
+    init_log,
+    log,
+    set_multiprocess,
+    set_solver_count,
+    set_solver_rank,
+    solver_count,
+    solver_rank,
+)
+from caffeport.compat.detector import Detector  # noqa: E402
+from caffeport.compat.net_spec import NetSpec, layers, params, to_proto  # noqa: E402
+
+__all__ += ["NetSpec", "layers", "params", "to_proto", "draw", "coord_map", "net_spec", "Detector", "Timer",
+            "init_log", "log", "__version__", "solver_count", "set_solver_count", "solver_rank", "set_solver_rank",
+            "set_multiprocess", "has_nccl", "NCCL"]
