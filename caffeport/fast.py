@@ -1,0 +1,221 @@
+"""Opt-in fast inference: ``load_module(model, weights, fast=True)``, ``Net(..., fast=True)``, ``--fast``.
+
+A fast build is the exact TEST net put through, in order:
+
+1. the graph passes of :mod:`caffeport.passes` (BatchNorm/Scale/Bias/Power folded into the
+   preceding conv/fc, TEST-phase Dropout dropped);
+2. ``channels_last`` memory format for 4-D weights and inputs;
+3. ``torch.compile`` (inductor) - when no compiler is usable the build falls back to eager with one
+   notice (a ``FastModeNotice`` warning);
+4. ``torch.inference_mode`` around every call;
+5. bf16 autocast, only on CPUs that have AVX512-BF16 or AMX (``precision="auto"``), or when asked
+   (``precision="bf16"``); ``precision="fp32"`` keeps float32 everywhere.
+
+Every build is checked once against the exact fp32 forward on a seeded sample batch: the max relative
+error (``max|fast - exact| / max|exact|`` over each output, the worst output) is stored in
+``FastModule.max_rel_error`` and the build is refused with a ``CaffeportError`` when it is above
+``FP32_TOLERANCE`` (1e-4) for fp32 or ``BF16_TOLERANCE`` (5e-2) for bf16. Where Caffe differs: none
+of this is Caffe's arithmetic any more (folding re-rounds, bf16 keeps 8 mantissa bits), which is why
+exact mode stays the default.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from caffeport.errors import CaffeportError
+
+__all__ = ["FP32_TOLERANCE", "BF16_TOLERANCE", "FastModeNotice", "FastModule", "build_fast",
+           "cpu_has_bf16", "fast_module", "attach"]
+
+FP32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 5e-2
+
+
+class FastModeNotice(UserWarning):
+    """Fast mode changed its plan (e.g. no usable compiler: eager instead of torch.compile)."""
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    g = got.detach().double()
+    w = want.detach().double()
+    if g.shape != w.shape:
+        return float("inf")
+    denom = float(w.abs().max()) if w.numel() else 0.0
+    diff = float((g - w).abs().max()) if w.numel() else 0.0
+    if not np.isfinite(diff):
+        return float("inf")
+    return diff / denom if denom > 0 else diff
+
+
+class FastModule(nn.Module):
+    """The fast net: call it as the exact ``NetModule`` (inputs in order or by name) and get
+    ``{output: float32 tensor}``. Attributes: ``precision``, ``compiled``, ``max_rel_error``,
+    ``tolerance``, ``report`` (the passes' ``PassReport``), ``notices``."""
+
+    def __init__(self, inner: nn.Module, input_names: list[str], output_names: list[str],
+                 precision: str, channels_last: bool):
+        super().__init__()
+        self.inner = inner
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.precision = precision
+        self.channels_last = channels_last
+        self.compiled = False
+        self._call: Callable[..., Any] = inner
+        self.max_rel_error = float("nan")
+        self.tolerance = FP32_TOLERANCE
+        self.report: Any = None
+        self.notices: list[str] = []
+
+    def _prepare(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in feeds.items():
+            t = torch.as_tensor(v, dtype=torch.float32)
+            if self.channels_last and t.dim() == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            out[k] = t
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        feeds = dict(zip(self.input_names, args))
+        feeds.update(kwargs)
+        feeds = self._prepare(feeds)
+        with torch.inference_mode():
+            if self.precision == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    outs = self._call(**feeds)
+            else:
+                outs = self._call(**feeds)
+            return {k: v.float().contiguous() for k, v in outs.items()}
+
+    def net_forward(self, net: Any, blobs: Any, start: Any, end: Any, kwargs: Mapping[str, Any]
+                    ) -> dict[str, np.ndarray]:
+        """``Net.forward`` of a ``Net(..., fast=True)``: the whole net only (folded blobs are gone);
+        the outputs are also written into ``net.blobs[output].data``."""
+        if start is not None or end is not None or blobs:
+            raise CaffeportError(f"{net.source}: a fast Net runs the whole net only (start/end/blobs "
+                                 "need intermediate blobs that the fast passes folded away); use exact mode")
+        for name in kwargs:
+            if name not in net.inputs:
+                raise CaffeportError(f"{net.source}: '{name}' is not an input of this net "
+                                     f"(inputs: {', '.join(net.inputs)})")
+        feeds = {name: np.asarray(kwargs[name] if name in kwargs else net.blobs[name].data, dtype=np.float32)
+                 for name in net.inputs}
+        outs = {k: v.numpy() for k, v in self(**feeds).items()}
+        for name, value in outs.items():
+            if tuple(net.blobs[name].shape) == value.shape:
+                net.blobs[name].data[...] = value
+        net.loss = None
+        return outs
+
+
+def _sample_feeds(net: Any, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded normal values; zeros (a valid class/index) for inputs read as labels or indices."""
+    gen = torch.Generator().manual_seed(seed)
+    index_like = {p.bottoms[i] for p in net._plans for i in type(p.layer).no_grad_bottoms if i < len(p.bottoms)}
+    return {name: (torch.zeros(tuple(net.blobs[name].shape)) if name in index_like
+                   else torch.randn(tuple(net.blobs[name].shape), generator=gen)) for name in net.inputs}
+
+
+def _channels_last(module: nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+def _compile(module: nn.Module) -> Callable[..., Any]:
+    return torch.compile(module, backend="inductor", dynamic=False)
+
+
+def build_fast(net: Any, *, compile: bool | None = None, precision: str = "auto",
+               channels_last: bool = True, tolerance: float | None = None, seed: int = 0,
+               passes: Callable[[Any], tuple[Any, Any]] | None = None) -> FastModule:
+    """A :class:`FastModule` for a built TEST ``Net`` (left unchanged), checked against it.
+
+    ``compile=None`` compiles unless ``CAFFEPORT_NO_COMPILE=1``; ``precision`` is ``auto`` (bf16 on
+    AVX512-BF16/AMX CPUs, else fp32), ``bf16`` or ``fp32``; ``passes`` replaces the graph passes
+    (a callable ``net -> (net, report)``). Raises ``CaffeportError`` when the check fails."""
+    if net.phase != 1:
+        raise CaffeportError(f"{net.source}: fast mode is for TEST-phase (inference) nets")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise CaffeportError(f"fast mode precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if (cpu_has_bf16() and net._device.type == "cpu") else "fp32"
+    if compile is None:
+        compile = os.environ.get("CAFFEPORT_NO_COMPILE", "") not in ("1", "true", "yes")
+    if any(p.layer.is_data and not p.layer.is_input for p in net._plans):
+        raise CaffeportError(f"{net.source}: fast mode needs a deploy net (Input layers); this net reads "
+                             "a data layer - derive a deploy net first (caffeport deploy)")
+    if passes is None:
+        from caffeport.passes import optimize_net as passes
+    opt, report = passes(net)
+    inner = opt.module.eval()
+    for p in inner.parameters():
+        p.requires_grad_(False)
+    if channels_last:
+        _channels_last(inner)
+    fast = FastModule(inner, net.inputs, net.outputs, precision, channels_last)
+    fast.report = report
+    fast.tolerance = float(tolerance) if tolerance is not None else (
+        BF16_TOLERANCE if precision == "bf16" else FP32_TOLERANCE)
+    feeds = _sample_feeds(net, seed)
+    with torch.no_grad():
+        exact = net.module(**{k: v.clone() for k, v in feeds.items()})
+    if compile:
+        try:
+            fast._call = _compile(inner)
+            got = fast(**feeds)
+            fast.compiled = True
+        except Exception as e:  # no compiler, unsupported op, ...: eager, one notice
+            msg = f"caffeport fast mode: torch.compile is not usable here ({type(e).__name__}: " \
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); running eager"
+            fast.notices.append(msg)
+            warnings.warn(msg, FastModeNotice, stacklevel=2)
+            fast._call = inner
+            got = fast(**feeds)
+    else:
+        got = fast(**feeds)
+    worst, where = 0.0, ""
+    for name in net.outputs:
+        if name not in got:
+            raise CaffeportError(f"{net.source}: fast mode refused: output '{name}' is missing from the fast net")
+        err = _rel_error(got[name], exact[name])
+        if err > worst or where == "":
+            worst, where = err, name
+    fast.max_rel_error = worst
+    if not worst <= fast.tolerance:
+        raise CaffeportError(
+            f"{net.source}: fast mode refused: on a seeded sample batch its output '{where}' differs from the "
+            f"exact fp32 forward by max relative error {worst:.3g}, above the {precision} tolerance "
+            f"{fast.tolerance:g} (the folded/compiled/reduced-precision net would not compute what Caffe "
+            "computes); run in exact mode, or try precision fp32")
+    return fast
+
+
+def fast_module(net: Any, **kwargs: Any) -> FastModule:
+    """``load_module(..., fast=True)``: the checked fast module of a built TEST ``Net``."""
+    return build_fast(net, **kwargs)
+
+
+def attach(net: Any, **kwargs: Any) -> None:
+    """``Net(..., fast=True)``: attach a checked fast module; ``net.forward`` then runs it."""
+    net._fast = build_fast(net, **kwargs)

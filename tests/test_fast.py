@@ -1,0 +1,103 @@
+"""Fast mode (caffeport/fast.py): checked against Caffe's golden outputs; refusal and compile fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import caffeport
+from caffeport.errors import CaffeportError
+from caffeport.fast import BF16_TOLERANCE, FastModeNotice, build_fast
+from caffeport.passes import optimize_net
+from tests.golden import assert_close, case_info, in_case, npz
+
+NETS = ["net_resnet_bottleneck", "net_caffenet_mini", "net_googlenet_inception", "net_squeezenet_fire"]
+
+
+def _golden_net(name: str) -> caffeport.Net:
+    with in_case(name):
+        return caffeport.Net("net.prototxt", "weights.caffemodel", caffeport.TEST)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_fast_fp32_matches_caffe(name):
+    info = case_info(name)
+    net = _golden_net(name)
+    fast = build_fast(net, compile=False, precision="fp32")
+    assert fast.max_rel_error < 1e-5
+    out = fast(**{k: torch.from_numpy(v) for k, v in npz(name, "inputs.npz").items()})
+    ref = npz(name, "forward.npz")
+    for k in info["outputs"]:
+        assert_close(out[k].numpy(), ref[k], info["atol"], info["rtol"], f"fast {k}")
+
+
+def test_fast_bf16_within_tolerance():
+    name = "net_resnet_bottleneck"
+    fast = build_fast(_golden_net(name), compile=False, precision="bf16")
+    assert fast.precision == "bf16" and 0 < fast.max_rel_error <= BF16_TOLERANCE
+    out = fast(**npz(name, "inputs.npz"))["res2a"].numpy()
+    assert _rel(out, npz(name, "forward.npz")["res2a"]) < BF16_TOLERANCE
+
+
+def test_broken_pass_is_refused():
+    def broken(net):
+        new, report = optimize_net(net)
+        with torch.no_grad():
+            new.params["res2a_branch2c"][0].data[...] *= 1.01  # a pass that gets the maths wrong
+        return new, report
+
+    with pytest.raises(CaffeportError, match=r"fast mode refused.*'res2a'.*max relative error .*tolerance"):
+        build_fast(_golden_net("net_resnet_bottleneck"), compile=False, precision="fp32", passes=broken)
+
+
+def test_compile_failure_falls_back_with_one_notice(monkeypatch):
+    import caffeport.fast as fast_mod
+
+    def no_compiler(module):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(fast_mod, "_compile", no_compiler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = build_fast(_golden_net("net_resnet_bottleneck"), compile=True, precision="fp32")
+        fast(**npz("net_resnet_bottleneck", "inputs.npz"))
+    notices = [w for w in caught if issubclass(w.category, FastModeNotice)]
+    assert len(notices) == 1 and "no C++ compiler found" in str(notices[0].message)
+    assert not fast.compiled and fast.max_rel_error < 1e-5
+
+
+def test_compiled_fast_matches_caffe():
+    # The one real torch.compile of the suite (a tiny net: compiling is slow on 2 cores).
+    name = "net_resnet_bottleneck"
+    info = case_info(name)
+    fast = build_fast(_golden_net(name), compile=True, precision="fp32")
+    assert fast.compiled, fast.notices
+    out = fast(**npz(name, "inputs.npz"))["res2a"].numpy()
+    assert_close(out, npz(name, "forward.npz")["res2a"], info["atol"], info["rtol"], "compiled res2a")
+
+
+def test_net_and_load_module_fast(monkeypatch):
+    monkeypatch.setenv("CAFFEPORT_NO_COMPILE", "1")
+    name = "net_resnet_bottleneck"
+    info = case_info(name)
+    x = npz(name, "inputs.npz")["data"]
+    ref = npz(name, "forward.npz")["res2a"]
+    with in_case(name):
+        net = caffeport.Net("net.prototxt", "weights.caffemodel", caffeport.TEST, fast=True)
+        module = caffeport.load_module("net.prototxt", "weights.caffemodel", fast=True)
+    out = net.forward(data=x)["res2a"]
+    tol = 5e-2 if net._fast.precision == "bf16" else info["rtol"]
+    assert _rel(out, ref) < max(tol, 1e-4)
+    assert _rel(net.blobs["res2a"].data, ref) < max(tol, 1e-4)
+    assert _rel(module(torch.from_numpy(x))["res2a"].numpy(), ref) < max(tol, 1e-4)
+    with pytest.raises(CaffeportError, match="whole net only"):
+        net.forward(end="res2a_branch1")
+    with pytest.raises(CaffeportError, match="inference-only"):
+        net.backward()
