@@ -14,7 +14,9 @@ A fast build is the exact TEST net put through, in order:
 Every build is checked once against the exact fp32 forward on a seeded sample batch: the max relative
 error (``max|fast - exact| / max|exact|`` over each output, the worst output) is stored in
 ``FastModule.max_rel_error`` and the build is refused with a ``CaffeportError`` when it is above
-``FP32_TOLERANCE`` (1e-4) for fp32 or ``BF16_TOLERANCE`` (5e-2) for bf16. Where Caffe differs: none
+``FP32_TOLERANCE`` (1e-4) for fp32 or ``BF16_TOLERANCE`` (5e-2) for bf16 (outputs of layers without a
+gradient, Accuracy or ArgMax, are discrete and not compared). Data layers run eagerly in the exact
+net and feed the fast net. Where Caffe differs: none
 of this is Caffe's arithmetic any more (folding re-rounds, bf16 keeps 8 mantissa bits), which is why
 exact mode stays the default.
 """
@@ -84,6 +86,17 @@ class FastModule(nn.Module):
         self.tolerance = FP32_TOLERANCE
         self.report: Any = None
         self.notices: list[str] = []
+        self.data_plans: list[Any] = []  # the exact net's data layers: run eagerly, their tops fed
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch of every data layer (read by the exact net's own readers)."""
+        feeds: dict[str, torch.Tensor] = {}
+        for plan in self.data_plans:
+            with torch.no_grad():
+                out = plan.layer()
+            for t, v in zip(plan.tops, (out,) if isinstance(out, torch.Tensor) else out):
+                feeds[t] = v
+        return feeds
 
     def _prepare(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out = {}
@@ -97,6 +110,8 @@ class FastModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         feeds = dict(zip(self.input_names, args))
         feeds.update(kwargs)
+        if self.data_plans and not all(t in feeds for p in self.data_plans for t in p.tops):
+            feeds.update({k: v for k, v in self.next_batch().items() if k not in feeds})
         feeds = self._prepare(feeds)
         with torch.inference_mode():
             if self.precision == "bf16":
@@ -131,8 +146,9 @@ def _sample_feeds(net: Any, seed: int) -> dict[str, torch.Tensor]:
     """Seeded normal values; zeros (a valid class/index) for inputs read as labels or indices."""
     gen = torch.Generator().manual_seed(seed)
     index_like = {p.bottoms[i] for p in net._plans for i in type(p.layer).no_grad_bottoms if i < len(p.bottoms)}
+    names = list(net.inputs) + [t for p in net._plans if p.layer.is_data and not p.layer.is_input for t in p.tops]
     return {name: (torch.zeros(tuple(net.blobs[name].shape)) if name in index_like
-                   else torch.randn(tuple(net.blobs[name].shape), generator=gen)) for name in net.inputs}
+                   else torch.randn(tuple(net.blobs[name].shape), generator=gen)) for name in names}
 
 
 def _channels_last(module: nn.Module) -> None:
@@ -162,18 +178,20 @@ def build_fast(net: Any, *, compile: bool | None = None, precision: str = "auto"
         precision = "bf16" if (cpu_has_bf16() and net._device.type == "cpu") else "fp32"
     if compile is None:
         compile = os.environ.get("CAFFEPORT_NO_COMPILE", "") not in ("1", "true", "yes")
-    if any(p.layer.is_data and not p.layer.is_input for p in net._plans):
-        raise CaffeportError(f"{net.source}: fast mode needs a deploy net (Input layers); this net reads "
-                             "a data layer - derive a deploy net first (caffeport deploy)")
     if passes is None:
-        from caffeport.passes import optimize_net as passes
+        from caffeport.passes import optimize_net
+
+        def passes(n: Any) -> tuple[Any, Any]:
+            return optimize_net(n, data_as_input=True)
     opt, report = passes(net)
     inner = opt.module.eval()
     for p in inner.parameters():
         p.requires_grad_(False)
     if channels_last:
         _channels_last(inner)
+    data_layers = [p for p in net._plans if p.layer.is_data and not p.layer.is_input]
     fast = FastModule(inner, net.inputs, net.outputs, precision, channels_last)
+    fast.data_plans = data_layers
     fast.report = report
     fast.tolerance = float(tolerance) if tolerance is not None else (
         BF16_TOLERANCE if precision == "bf16" else FP32_TOLERANCE)
@@ -194,8 +212,10 @@ def build_fast(net: Any, *, compile: bool | None = None, precision: str = "auto"
             got = fast(**feeds)
     else:
         got = fast(**feeds)
+    discrete = {t for p in net._plans if not p.layer.has_backward for t in p.tops}
+    checked = [n for n in net.outputs if n not in discrete] or list(net.outputs)
     worst, where = 0.0, ""
-    for name in net.outputs:
+    for name in checked:
         if name not in got:
             raise CaffeportError(f"{net.source}: fast mode refused: output '{name}' is missing from the fast net")
         err = _rel_error(got[name], exact[name])

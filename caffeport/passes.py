@@ -125,7 +125,16 @@ def _fold_target_ok(layer: Any, lp: caffe_pb2.LayerParameter, shared: set[str]) 
     return int(getattr(layer, "axis", 1)) == 1
 
 
-def optimize_param(net: Any, *, fold: bool = True, drop_identity: bool = True
+def _as_input(lp: caffe_pb2.LayerParameter, shapes: dict[str, tuple[int, ...]]) -> caffe_pb2.LayerParameter:
+    """An ``Input`` layer with the tops (and shapes) of a data layer: its batches are fed by the caller."""
+    new = caffe_pb2.LayerParameter(name=lp.name, type="Input")
+    new.top.extend(lp.top)
+    for t in lp.top:
+        new.input_param.shape.add().dim.extend(int(d) for d in shapes[t])
+    return new
+
+
+def optimize_param(net: Any, *, fold: bool = True, drop_identity: bool = True, data_as_input: bool = False
                    ) -> tuple[caffe_pb2.NetParameter, dict[str, list[np.ndarray]], PassReport]:
     """Run the passes on a built TEST-phase ``Net``: returns ``(net_param, weights, report)`` where
     ``net_param`` is the rewritten (filtered, split-free) NetParameter and ``weights`` holds every
@@ -133,8 +142,12 @@ def optimize_param(net: Any, *, fold: bool = True, drop_identity: bool = True
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net.net_param)
     weights: dict[str, list[np.ndarray]] = {k: [a.copy() for a in v] for k, v in net.state_blobs().items()}
-    layers = list(out.layer)
     built = net.layer_dict
+    if data_as_input:  # data layers -> Input layers (their batches come from the exact net's readers)
+        layers = [_as_input(lp, net._shapes) if (lp.name in built and built[lp.name].is_data
+                                                 and not built[lp.name].is_input) else lp for lp in out.layer]
+    else:
+        layers = list(out.layer)
     shapes = net._shapes
     shared = _shared_names(out)
     report = PassReport(layers_before=len(layers))
@@ -231,15 +244,20 @@ def _fold(lp: caffe_pb2.LayerParameter, layer: Any, weights: dict[str, list[np.n
             lp.convolution_param.bias_term = True
 
 
-def optimize_net(net: Any, *, fold: bool = True, drop_identity: bool = True) -> tuple[Any, PassReport]:
-    """The passes as a new TEST-phase ``Net`` (same inputs, input shapes and output names)."""
+def optimize_net(net: Any, *, fold: bool = True, drop_identity: bool = True, data_as_input: bool = False
+                 ) -> tuple[Any, PassReport]:
+    """The passes as a new TEST-phase ``Net`` (same inputs, input shapes and output names;
+    ``data_as_input``: data layers become Input layers of the same tops)."""
     from caffeport.net import Net
 
-    param, weights, report = optimize_param(net, fold=fold, drop_identity=drop_identity)
+    param, weights, report = optimize_param(net, fold=fold, drop_identity=drop_identity,
+                                            data_as_input=data_as_input)
     new = Net(param, weights, phase=caffe_pb2.TEST, root=net.ctx.root)
     new.source = net.source
     reshaped = False
     for name in new.inputs:
+        if name not in net.inputs:
+            continue
         want = tuple(net.blobs[name].shape)
         if tuple(new.blobs[name].shape) != want:
             new.blobs[name].reshape(*want)

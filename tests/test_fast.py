@@ -101,3 +101,29 @@ def test_net_and_load_module_fast(monkeypatch):
         net.forward(end="res2a_branch1")
     with pytest.raises(CaffeportError, match="inference-only"):
         net.backward()
+
+
+def _loss_line(text: str) -> float:
+    import re
+
+    return float(re.findall(r"\] loss = ([-0-9.e+]+) \(", text)[-1])
+
+
+def test_cli_test_and_time_fast(monkeypatch):
+    from click.testing import CliRunner
+
+    from caffeport.cli import main
+
+    monkeypatch.setenv("CAFFEPORT_NO_COMPILE", "1")
+    runner = CliRunner()
+    with in_case("solver_finetune_renamed_lmdb"):
+        args = ["test", "--model", "train.prototxt", "--weights", "final.caffemodel", "--iterations", "2"]
+        exact = runner.invoke(main, args)
+        fast = runner.invoke(main, [*args, "--fast"])
+    assert exact.exit_code == 0 and fast.exit_code == 0, fast.output
+    assert "Fast mode:" in fast.output and "max relative error vs exact" in fast.output
+    assert abs(_loss_line(fast.output) - _loss_line(exact.output)) <= BF16_TOLERANCE * abs(_loss_line(exact.output))
+    with in_case("net_resnet_bottleneck"):
+        timed = runner.invoke(main, ["time", "--model", "net.prototxt", "--fast", "--iterations", "2"])
+    assert timed.exit_code == 0, timed.output
+    assert "Average Forward pass" in timed.output and "Fast mode:" in timed.output

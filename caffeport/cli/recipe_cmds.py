@@ -53,8 +53,10 @@ def create_lmdb_cmd(train_dir: str, out_dir: str, test_dir: str | None, width: i
 @click.option("--class", "column", default=1, show_default=True, help="Class whose probability is the label.")
 @click.option("--batch-size", default=16, show_default=True, help="Images per forward pass.")
 @click.option("--prob-blob", default="prob", show_default=True, help="The probability output blob.")
+@click.option("--fast", is_flag=True, help="Fast mode: folded BatchNorm/Scale, channels_last, torch.compile, bf16 "
+              "where the CPU has it; checked once against the exact forward (caffeport.fast).")
 def predict_cmd(images: tuple[str, ...], model: str, weights: str, mean_file: str | None, out: str, argmax: bool,
-                column: int, batch_size: int, prob_blob: str) -> None:
+                column: int, batch_size: int, prob_blob: str, fast: bool) -> None:
     """The tutorial's make_predictions: classify IMAGES (files or folders) and write id,label.
 
     Preprocessing is create-lmdb's (equalizeHist per channel, INTER_CUBIC resize to the net's input
@@ -62,7 +64,7 @@ def predict_cmd(images: tuple[str, ...], model: str, weights: str, mean_file: st
     """
     from caffeport.tools.predict import predict_images, write_submission
 
-    preds = predict_images(model, weights, images, mean_file, batch_size, prob_blob)
+    preds = predict_images(model, weights, images, mean_file, batch_size, prob_blob, fast=fast)
     write_submission(preds, out, column=column, argmax=argmax)
     click.echo(f"wrote {out} ({len(preds)} images)")
 

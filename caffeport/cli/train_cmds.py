@@ -111,6 +111,10 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
         log.close()
 
 
+_fast_opt = click.option("--fast", is_flag=True, help="Fast mode (inference): folded BatchNorm/Scale, channels_last, "
+                         "torch.compile, bf16 where the CPU has it; checked once against the exact forward.")
+
+
 @main.command("test")
 @allow_python_layers_option
 @_opt("model", required=True, help="The model definition (net prototxt) to score.")
@@ -120,8 +124,9 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
 @_opt("level", type=int, default=0, help="Network level.")
 @_opt("stage", default="", help="Network stages, separated by ','.")
 @_opt("log", "log_file", default=None, type=click.Path(dir_okay=False), help="Also append the log to FILE.")
+@_fast_opt
 def test_cmd(model: str, weights: str, iterations: int, gpu: str | None, level: int, stage: str,
-             log_file: str | None) -> None:
+             log_file: str | None, fast: bool = False) -> None:
     """Score a model in the TEST phase (``caffe test``): per-batch outputs, then their means."""
     from caffeport.net import TEST, Net
     from caffeport.solver.logging import Glog, cfloat
@@ -132,13 +137,27 @@ def test_cmd(model: str, weights: str, iterations: int, gpu: str | None, level: 
         if device.type == "cpu" and not gpu:
             log.info("Use CPU.", "caffe.cpp:283")
         net = Net(model, weights=weights, phase=TEST, level=level, stages=_stages(stage), device=device)
+        fast_net = None
+        if fast:
+            from caffeport.fast import build_fast
+
+            fast_net = build_fast(net)
+            log.info(f"Fast mode: {fast_net.report.summary()}; {fast_net.precision}, "
+                     f"{'compiled' if fast_net.compiled else 'eager'}; max relative error vs exact "
+                     f"{fast_net.max_rel_error:.3g} (tolerance {fast_net.tolerance:g})", "fast.py:0")
         log.info(f"Running for {iterations} iterations.", "caffe.cpp:290")
         sums: list[np.float32] = []
         ids: list[str] = []
         loss = np.float32(0.0)
         for i in range(iterations):
-            with torch.no_grad():
-                outs = net.forward()
+            if fast_net is not None:
+                touts = fast_net()
+                outs = {k: v.numpy() for k, v in touts.items()}
+                lw = net.loss_weights
+                net.loss = float(sum(float(touts[k].double().sum()) * w for k, w in lw.items() if k in touts))
+            else:
+                with torch.no_grad():
+                    outs = net.forward()
             loss = np.float32(loss + np.float32(net.loss or 0.0))
             idx = 0
             for name in net.outputs:
@@ -243,8 +262,9 @@ class _LayerTimer:
 @_opt("level", type=int, default=0, help="Network level.")
 @_opt("stage", default="", help="Network stages, separated by ','.")
 @_opt("log", "log_file", default=None, type=click.Path(dir_okay=False), help="Also append the log to FILE.")
+@_fast_opt
 def time_cmd(model: str, iterations: int, phase: str, gpu: str | None, level: int, stage: str,
-             log_file: str | None) -> None:
+             log_file: str | None, fast: bool = False) -> None:
     """Benchmark per-layer forward/backward times (``caffe time``)."""
     from caffeport.net import TEST, TRAIN, Net
     from caffeport.solver.logging import Glog, cfloat
@@ -254,9 +274,12 @@ def time_cmd(model: str, iterations: int, phase: str, gpu: str | None, level: in
         device = _device(gpu, log) or torch.device("cpu")
         if device.type == "cpu" and not gpu:
             log.info("Use CPU.", "caffe.cpp:360")
-        net = Net(model, phase=TRAIN if phase == "TRAIN" else TEST, level=level, stages=_stages(stage),
+        net = Net(model, phase=TRAIN if phase == "TRAIN" and not fast else TEST, level=level, stages=_stages(stage),
                   device=device)
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        if fast:
+            _time_fast(net, iterations, log, sync)
+            return
 
         def fwd_bwd() -> tuple[float, float]:
             with torch.enable_grad():
@@ -308,3 +331,29 @@ def time_cmd(model: str, iterations: int, phase: str, gpu: str | None, level: in
         log.info("*** Benchmark ends ***", "caffe.cpp:434")
     finally:
         log.close()
+
+
+def _time_fast(net: Any, iterations: int, log: Any, sync: Callable[[], None]) -> None:
+    """``caffeport time --fast``: forward-only timing of the fast module (no per-layer times: the
+    layers are folded and compiled into one program; no backward: fast mode is inference, TEST phase)."""
+    from caffeport.fast import build_fast
+    from caffeport.solver.logging import cfloat
+
+    fast = build_fast(net)
+    log.info(f"Fast mode: {fast.report.summary()}; {fast.precision}, {'compiled' if fast.compiled else 'eager'}; "
+             f"max relative error vs exact {fast.max_rel_error:.3g} (tolerance {fast.tolerance:g})", "fast.py:0")
+    feeds = {k: net.blobs[k].data.copy() for k in net.inputs}
+    fast(**feeds)
+    log.info("*** Benchmark begins ***", "caffe.cpp:388")
+    log.info(f"Testing for {iterations} iterations.", "caffe.cpp:389")
+    total = 0.0
+    for j in range(iterations):
+        t0 = time.perf_counter()
+        fast(**feeds)
+        sync()
+        dt = time.perf_counter() - t0
+        total += dt
+        log.info(f"Iteration: {j + 1} forward time: {cfloat(dt * 1e3)} ms.", "caffe.cpp:414")
+    n = max(iterations, 1)
+    log.info(f"Average Forward pass: {cfloat(total * 1e3 / n)} ms.", "caffe.cpp:428")
+    log.info(f"Total Time: {cfloat(total * 1e3)} ms.", "caffe.cpp:433")

@@ -80,11 +80,12 @@ def predict_images(
     batch_size: int = 16,
     prob_blob: str = "prob",
     show_progress: bool | None = None,
+    fast: bool = False,
 ) -> list[Prediction]:
     """Run ``model`` (a deploy prototxt with one ``Input``) with ``weights`` on ``images``.
 
     ``images`` may name files or folders (every image in a folder). Returns one :class:`Prediction`
-    per image, sorted by id.
+    per image, sorted by id. ``fast=True`` runs the checked fast module (``caffeport.fast``).
     """
     from caffeport.net import TEST, Net
     from caffeport.tools.cats_dogs import list_images
@@ -101,7 +102,7 @@ def predict_images(
     if not paths:
         raise CaffeportError("no images to predict")
     paths.sort(key=_sort_key)
-    net = Net(model, weights, TEST)
+    net = Net(model, weights, TEST, fast=fast)
     if not net.inputs:
         raise CaffeportError(f"{model}: the deploy net has no Input layer to feed the images to")
     data = net.inputs[0]
@@ -109,6 +110,9 @@ def predict_images(
     if len(shape) != 4 or shape[1] != 3:
         raise CaffeportError(f"{model}: input '{data}' has shape {shape}; predict needs N,3,H,W")
     height, width = int(shape[2]), int(shape[3])
+    if fast and prob_blob not in net.outputs:
+        raise CaffeportError(f"{model}: --fast reads net outputs only; '{prob_blob}' is not one "
+                             f"(outputs: {', '.join(net.outputs)})")
     if prob_blob not in net.blobs:
         raise CaffeportError(f"{model}: no blob named '{prob_blob}' (outputs: {', '.join(net.outputs)})")
     mean = read_mean_image(mean_file) if mean_file else None
@@ -116,7 +120,7 @@ def predict_images(
     batches = [paths[i:i + max(1, batch_size)] for i in range(0, len(paths), max(1, batch_size))]
     for batch in progress(batches, "predict", show_progress):
         x = np.stack([preprocess(read_image(p), mean, width, height) for p in batch])
-        probs = net.forward(**{data: x}, blobs=[prob_blob])[prob_blob]
+        probs = net.forward(**{data: x}, blobs=None if fast else [prob_blob])[prob_blob]
         probs = np.asarray(probs, dtype=np.float64).reshape(len(batch), -1)
         out.extend(Prediction(image_id(p), p, probs[i].copy()) for i, p in enumerate(batch))
     return out
