@@ -356,7 +356,7 @@ class Net:
     def __init__(self, model: PathLike | caffe_pb2.NetParameter, weights: PathLike | None = None,
                  phase: int = TEST, *, level: int = 0, stages: Sequence[str] = (),
                  device: str | torch.device | None = None, root: PathLike | None = None,
-                 allow_python_layers: bool | None = None):
+                 allow_python_layers: bool | None = None, fast: bool = False):
         if phase not in (TRAIN, TEST):
             raise CaffeportError(f"phase must be caffeport.TRAIN ({TRAIN}) or caffeport.TEST ({TEST}), got {phase!r}")
         msg, source, folder = _read_net(model)
@@ -402,6 +402,11 @@ class Net:
         if weights is not None:
             for w in str(weights).split(",") if isinstance(weights, str) else [weights]:
                 self.copy_from(w)
+        self._fast = None  # fast=True: caffeport.fast's checked folded/compiled module runs forward()
+        if fast:
+            from caffeport.fast import attach
+
+            attach(self)
 
     # --- pycaffe's read-only views -----------------------------------------------------------------
     @property
@@ -495,6 +500,8 @@ class Net:
                 **kwargs: Any) -> dict[str, np.ndarray]:
         """Run the net (pycaffe's ``forward``): inputs by name, returns ``{output: ndarray}``
         (plus any extra ``blobs`` asked for). ``start``/``end`` are layer names (inclusive)."""
+        if self._fast is not None:
+            return self._fast.net_forward(self, blobs, start, end, kwargs)
         feeds = self._feeds(kwargs)
         s = self._layer_index(start, 0)
         e = self._layer_index(end, len(self._plans) - 1) + 1
@@ -513,6 +520,8 @@ class Net:
         """Backpropagate (pycaffe's ``backward``): top diffs are the loss weights for loss outputs,
         the diffs set on output blobs (``net.blobs[out].diff[...] = g``), or given by name.
         Returns the input blobs' diffs (plus any ``diffs`` asked for)."""
+        if self._fast is not None:
+            raise CaffeportError(f"{self.source}: a fast Net (fast=True) is inference-only: no backward")
         if not self._graph_ready:
             # The last forward kept no graph (inference): run it again with one, keeping the diffs
             # the caller set on output blobs.
@@ -680,7 +689,12 @@ class Net:
 
 
 def load_module(model: PathLike, weights: PathLike | None = None, device: str | None = None, *,
-                allow_python_layers: bool | None = None) -> NetModule:
-    """One line from a legacy deploy net + caffemodel to an eval-mode ``torch.nn.Module``."""
+                allow_python_layers: bool | None = None, fast: bool = False) -> NetModule:
+    """One line from a legacy deploy net + caffemodel to an eval-mode ``torch.nn.Module``
+    (``fast=True``: the checked fast module of ``caffeport.fast``, same call and outputs)."""
     net = Net(model, weights, phase=TEST, device=device, allow_python_layers=allow_python_layers)
+    if fast:
+        from caffeport.fast import fast_module
+
+        return fast_module(net)  # type: ignore[return-value]
     return net.module.eval()

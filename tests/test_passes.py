@@ -137,3 +137,24 @@ def test_shared_output_and_batch_stats_not_folded():
     new, report = optimize_net(net)
     assert report.folded == []  # conv's output is also read by Eltwise; bn uses batch statistics
     assert [layer.name for layer in new.layers] == [layer.name for layer in net.layers]
+
+
+def test_export_onnx_optimize_matches_caffe(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from caffeport.cli import main
+
+    name = "net_resnet_bottleneck"
+    info = case_info(name)
+    out = tmp_path / "opt.onnx"
+    with in_case(name):
+        res = CliRunner().invoke(main, ["export-onnx", "net.prototxt", "-w", "weights.caffemodel",
+                                        "-o", str(out), "--optimize"])
+    assert res.exit_code == 0, res.output
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Conv") == 4 and "BatchNormalization" not in ops and "Mul" not in ops
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(["res2a"], {"data": npz(name, "inputs.npz")["data"]})[0]
+    assert_close(got, npz(name, "forward.npz")["res2a"], info["atol"], info["rtol"], "onnx --optimize res2a")

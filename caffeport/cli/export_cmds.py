@@ -34,8 +34,10 @@ def _load(model: str, weights: str | None, input_shapes: tuple[str, ...], batch:
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch axis of inputs and outputs symbolic.")
 @click.option("--tolerance", default=1e-4, show_default=True, type=float,
               help="Largest max-relative error accepted between onnxruntime and caffeport.")
+@click.option("--optimize", is_flag=True, help="Fold BatchNorm/Scale/Bias/Power into the preceding conv/fc and "
+              "drop TEST Dropout first (caffeport.passes); still checked against the exact net.")
 def export_onnx(model: str, weights: str | None, output: str, opset: int, input_shapes: tuple[str, ...],
-                dynamic_batch: bool, tolerance: float) -> None:
+                dynamic_batch: bool, tolerance: float, optimize: bool = False) -> None:
     """Export MODEL (deploy, or train_val/test: derived first) to ONNX and check it with onnx.checker
     and onnxruntime against caffeport's own forward."""
     from caffeport.export.onnx import check_onnx, net_to_onnx, save_onnx
@@ -43,9 +45,15 @@ def export_onnx(model: str, weights: str | None, output: str, opset: int, input_
     net = _load(model, weights, input_shapes)
     if weights is None:
         click.echo("note: no --weights given; the exported weights are the net's fillers", err=True)
+    exact = net
+    if optimize:
+        from caffeport.passes import optimize_net
+
+        net, report = optimize_net(exact)
+        click.echo(f"optimized: {report.summary()}", err=True)
     export = net_to_onnx(net, opset=opset, dynamic_batch=dynamic_batch)
     batches = [1, 3] if dynamic_batch else None
-    err = check_onnx(export, net, batch_sizes=batches, tol=tolerance)
+    err = check_onnx(export, exact, batch_sizes=batches, tol=tolerance)
     save_onnx(export, output)
     click.echo(f"wrote {output}: opset {opset}, inputs {', '.join(export.inputs)}, outputs "
                f"{', '.join(export.outputs)}; checked ({', '.join(export.checks)}): "
