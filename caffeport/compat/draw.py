@@ -22,6 +22,7 @@ Where caffeport differs from pycaffe:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -154,7 +155,16 @@ def _esc(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _dot_text(caffe_net: Any, rankdir: str, label_edges: bool, phase: Any, display_lrm: bool) -> tuple[str, Any]:
+def _style_attrs(kind: str) -> dict[str, str]:
+    """caffeport's node style for ``kind`` as DOT attributes (values quoted as DOT wants)."""
+    out: dict[str, str] = {}
+    for item in re.finditer(r'(\w+)=("[^"]*"|[^,\s]+)', _draw._STYLE[kind]):
+        out[item.group(1)] = item.group(2)
+    return out
+
+
+def _elements(caffe_net: Any, rankdir: str, label_edges: bool, phase: Any, display_lrm: bool) -> tuple:
+    """(graph, rankdir, nodes [(id, quoted label, attrs)], edges [(a, b, quoted label or None)])."""
     net = _filter_phase(_as_net(caffe_net), _phase_value(phase))
     rankdir = str(rankdir).upper()
     if rankdir not in _draw.RANKDIRS:
@@ -162,18 +172,29 @@ def _dot_text(caffe_net: Any, rankdir: str, label_edges: bool, phase: Any, displ
     g = _draw.build_graph(net, phase="ALL", display_lrm=display_lrm)
     g.name = net.name or "Net"
     sep = " " if rankdir in ("TB", "BT") else "\n"
-    lines = [f'digraph "{_esc(g.name)}" {{', f"  rankdir={rankdir};",
-             '  node [fontname="Helvetica", fontsize=10];', "  edge [arrowsize=0.7];"]
+    nodes = []
     for n in g.nodes:
-        label = n.label.replace("\n", sep) if not n.kind.startswith("blob") else n.label
-        lines.append(f'  {n.id} [label="{_esc(label)}", {_draw._STYLE[n.kind]}];')
+        label = n.label if n.kind.startswith("blob") else n.label.replace("\n", sep)
+        nodes.append((n.id, f'"{_esc(label)}"', _style_attrs(n.kind)))
+    edges = []
     for a, b in g.edges:
-        label = ""
+        label = None
         if label_edges and a.startswith("layer"):
             text = get_edge_label(net.layer[int(a[len("layer"):])])
             if text != '""':
-                label = f' [label="{_esc(text)}"]'
-        lines.append(f"  {a} -> {b}{label};")
+                label = f'"{_esc(text)}"'
+        edges.append((a, b, label))
+    return g, rankdir, nodes, edges
+
+
+def _dot_text(caffe_net: Any, rankdir: str, label_edges: bool, phase: Any, display_lrm: bool) -> tuple[str, Any]:
+    g, rankdir, nodes, edges = _elements(caffe_net, rankdir, label_edges, phase, display_lrm)
+    lines = [f'digraph "{_esc(g.name)}" {{', f"  rankdir={rankdir};",
+             '  node [fontname="Helvetica", fontsize=10];', "  edge [arrowsize=0.7];"]
+    for node_id, label, attrs in nodes:
+        lines.append(f"  {node_id} [label={label}, " + ", ".join(f"{k}={v}" for k, v in attrs.items()) + "];")
+    for a, b, label in edges:
+        lines.append(f"  {a} -> {b}" + (f" [label={label}]" if label else "") + ";")
     lines.append("}")
     return "\n".join(lines) + "\n", g
 
@@ -232,15 +253,20 @@ class DotGraph:
 def get_pydot_graph(caffe_net: Any, rankdir: str, label_edges: bool = True, phase: Any = None,
                     display_lrm: bool = False) -> Any:
     """The net as a ``pydot.Dot`` (or a :class:`DotGraph` without pydot)."""
-    text, g = _dot_text(caffe_net, rankdir, label_edges, phase, display_lrm)
     try:
         import pydot
     except ImportError:
+        text, g = _dot_text(caffe_net, rankdir, label_edges, phase, display_lrm)
         return DotGraph(text, g, str(rankdir).upper())
-    graphs = pydot.graph_from_dot_data(text)
-    if not graphs:
-        raise CaffeportError("caffe.draw: pydot could not parse the drawing")  # pragma: no cover
-    return graphs[0]
+    g, rankdir, nodes, edges = _elements(caffe_net, rankdir, label_edges, phase, display_lrm)
+    graph = pydot.Dot(f'"{_esc(g.name)}"', graph_type="digraph", rankdir=rankdir)
+    graph.set_node_defaults(fontname='"Helvetica"', fontsize="10")
+    graph.set_edge_defaults(arrowsize="0.7")
+    for node_id, label, attrs in nodes:
+        graph.add_node(pydot.Node(node_id, label=label, **attrs))
+    for a, b, label in edges:
+        graph.add_edge(pydot.Edge(a, b, label=label) if label else pydot.Edge(a, b))
+    return graph
 
 
 def draw_net(caffe_net: Any, rankdir: str, ext: str = "png", phase: Any = None, display_lrm: bool = False) -> bytes:
