@@ -28,7 +28,7 @@ from torch import nn
 
 from caffeport.errors import CaffeportError, nearest
 from caffeport.graph import filter_net, insert_splits, net_state
-from caffeport.layers.base import TEST, TRAIN, BuildContext, Layer, LegacyShape, Shape, registry
+from caffeport.layers.base import TEST, TRAIN, BuildContext, Layer, LegacyShape, Shape, check_blob_elements, registry
 from caffeport.proto import caffe_pb2
 
 __all__ = ["Net", "NetModule", "Blob", "TRAIN", "TEST", "load_module"]
@@ -140,20 +140,20 @@ def _private(x: torch.Tensor, table: Mapping[str, torch.Tensor], feeds: Mapping[
 
 
 class Blob(LegacyShape):
-    """pycaffe's Blob: ``data`` and ``diff`` as numpy arrays that share memory with the tensors
-    (on CPU; on another device they are copies)."""
+    """pycaffe's Blob: ``data`` and ``diff`` are numpy views of fixed buffers (on CPU; on another
+    device they are copies). As in pycaffe, a view taken once stays live: later forwards, backwards
+    and solver steps write into the same memory while the blob's shape is unchanged."""
 
     def __init__(self, net: Net, name: str):
         self._net = net
         self.name = name
 
-    # The tensor currently holding this blob's value.
     def _tensor(self) -> torch.Tensor:
-        return self._net._blob_tensor(self.name)
+        return self._net._value(self.name)
 
     @property
     def data(self) -> np.ndarray:
-        return _as_numpy(self._tensor())
+        return _as_numpy(self._net._expose(self.name))
 
     @data.setter
     def data(self, value: Any) -> None:
@@ -161,7 +161,7 @@ class Blob(LegacyShape):
 
     @property
     def diff(self) -> np.ndarray:
-        return self._net._blob_diff(self.name)
+        return _as_numpy(self._net._expose_diff(self.name))
 
     @diff.setter
     def diff(self, value: Any) -> None:
@@ -221,6 +221,17 @@ class ParamBlob:
     def reshape(self, *shape: int) -> None:
         with torch.no_grad():
             self.param.data = self.param.data.new_zeros(shape)
+
+    def __getattr__(self, name: str) -> Any:  # tensor attributes (grad, data_ptr, device...) of the parameter
+        if name == "param":
+            raise AttributeError(name)
+        return getattr(self.param, name)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        args = [a.param if isinstance(a, ParamBlob) else a for a in args]
+        kwargs = {k: v.param if isinstance(v, ParamBlob) else v for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"ParamBlob(shape={self.shape})"
@@ -298,6 +309,7 @@ def build_plans(net: caffe_pb2.NetParameter, ctx: BuildContext,
             raise CaffeportError(f"{ctx.source}: layer '{lp.name}' ({lp.type}) produced {len(tshapes)} "
                                  f"tops, the net names {len(lp.top)}")
         for t, s in zip(lp.top, tshapes):
+            check_blob_elements(s, f"{ctx.source}: layer '{lp.name}' ({lp.type}) top '{t}'")
             shapes[t] = s
         n_top = len(lp.top)
         weights = [float(lp.loss_weight[j]) if j < len(lp.loss_weight) else
@@ -386,13 +398,21 @@ class Net:
         self.module = NetModule(plans, inputs, outputs)
         self.force_backward = bool(msg.force_backward)
         self._device = torch.device("cpu")
-        self._inputs: dict[str, torch.Tensor] = {t: torch.zeros(shapes[t]) for t in inputs}
-        self._table: dict[str, torch.Tensor] = {}
         self._shapes = shapes
-        self._diff_bufs: dict[str, torch.Tensor] = {}
-        self._graph_ready = False
+        # Blob storage (pycaffe's fixed memory): the tensor holding each blob's value / diff. Names in
+        # _owned / _owned_diff hold a buffer a numpy view may have been taken of: layers write into
+        # it (copy) instead of replacing it. Other blobs simply adopt their layer's output tensor.
+        self._data: dict[str, torch.Tensor] = {t: torch.zeros(shapes[t]) for t in inputs}
+        self._owned: set[str] = set(inputs)
+        self._diffs: dict[str, torch.Tensor] = {}
+        self._owned_diff: set[str] = set()
+        self._records: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        self._table: dict[str, torch.Tensor] = {}
+        self._callbacks: dict[str, list[Any]] = {"before_forward": [], "after_forward": [],
+                                                  "before_backward": [], "after_backward": []}
+        self._analyse_backward(bool(msg.force_backward))
         self.blobs: OrderedDict[str, Blob] = OrderedDict((n, Blob(self, n)) for n in produced)
-        self.layer_dict: OrderedDict[str, Layer] = OrderedDict((p.layer.name, p.layer) for p in plans)
+        self._layer_dict: OrderedDict[str, Layer] = OrderedDict((p.layer.name, p.layer) for p in plans)
         self.params: OrderedDict[str, list[ParamBlob]] = OrderedDict(
             (p.layer.name, [ParamBlob(b) for b in p.layer.blobs]) for p in plans if len(p.layer.blobs) > 0
         )
@@ -400,8 +420,7 @@ class Net:
         if device is not None:
             self.to(device)
         if weights is not None:
-            for w in str(weights).split(",") if isinstance(weights, str) else [weights]:
-                self.copy_from(w)
+            self.copy_from(weights)  # one path, commas included (the comma list is the CLI's --weights)
         self._fast = None  # fast=True: caffeport.fast's checked folded/compiled module runs forward()
         if fast:
             from caffeport.fast import attach
@@ -420,6 +439,20 @@ class Net:
     @property
     def layers(self) -> list[Layer]:
         return [p.layer for p in self._plans]
+
+    @property
+    def layer_dict(self) -> OrderedDict[str, Layer]:
+        return self._layer_dict
+
+    @property
+    def _blob_names(self) -> list[str]:
+        return list(self.blobs)
+
+    @property
+    def blob_loss_weights(self) -> OrderedDict[str, float]:
+        """pycaffe's ``blob_loss_weights``: every blob's loss weight (0 for most)."""
+        w = self.loss_weights
+        return OrderedDict((n, float(w.get(n, 0.0))) for n in self.blobs)
 
     @property
     def _layer_names(self) -> list[str]:
@@ -458,35 +491,141 @@ class Net:
     def to(self, device: str | torch.device) -> Net:
         self._device = torch.device(device)
         self.module.to(self._device)
-        self._inputs = {k: v.to(self._device) for k, v in self._inputs.items()}
+        self._data = {k: v.to(self._device) for k, v in self._data.items()}
+        self._diffs = {k: v.to(self._device) for k, v in self._diffs.items()}
+        self._records = {}
         self._table = {}
         return self
 
+    # --- blob storage ----------------------------------------------------------------------------
+    @property
+    def _inputs(self) -> dict[str, torch.Tensor]:
+        """The input blobs' buffers (tops of Input layers)."""
+        return {n: self._value(n) for n in self.module.input_names}
+
+    def _value(self, name: str) -> torch.Tensor:
+        t = self._data.get(name)
+        if t is None:
+            if name not in self._shapes:
+                raise KeyError(name)
+            # Not computed yet: a zero blob of the inferred shape, as Caffe's freshly allocated blobs.
+            t = torch.zeros(self._shapes[name], device=self._device)
+            self._data[name] = t
+            self._owned.add(name)
+        return t
+
+    def _expose(self, name: str) -> torch.Tensor:
+        """The blob's buffer, made a fixed one that later writes go into (a view of it stays live)."""
+        t = self._value(name)
+        if name not in self._owned:
+            t = t.detach().clone()
+            self._data[name] = t
+            self._owned.add(name)
+        return t
+
+    def _diff_value(self, name: str) -> torch.Tensor:
+        shape = tuple(self._value(name).shape)
+        d = self._diffs.get(name)
+        if d is None or tuple(d.shape) != shape:
+            d = torch.zeros(shape, device=self._device)
+            w = self.loss_weights.get(name)
+            if w:  # Caffe sets a loss top's diff to its loss weight once, at set-up
+                d.fill_(w)
+            self._diffs[name] = d
+            self._owned_diff.add(name)
+        return d
+
+    def _expose_diff(self, name: str) -> torch.Tensor:
+        d = self._diff_value(name)
+        if name not in self._owned_diff:
+            d = d.detach().clone()
+            self._diffs[name] = d
+            self._owned_diff.add(name)
+        return d
+
+    @staticmethod
+    def _write(store: dict[str, torch.Tensor], owned: set[str], name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        if name in owned:
+            buf = store[name]
+            if buf.shape == value.shape and buf.device == value.device and buf.dtype == value.dtype:
+                if buf.data_ptr() != value.data_ptr() or buf.stride() != value.stride():
+                    buf.copy_(value)
+                return
+            value = value.clone()  # new shape: a new fixed buffer (views of the old shape go stale)
+        store[name] = value
+
+    def _store(self, name: str, value: torch.Tensor) -> None:
+        self._write(self._data, self._owned, name, value)
+
+    def _store_diff(self, name: str, value: torch.Tensor) -> None:
+        self._write(self._diffs, self._owned_diff, name, value)
+
+    def _analyse_backward(self, force_backward: bool) -> None:
+        """Caffe's ``Net::Init`` backward analysis: which layers run backward and which bottoms get a
+        diff (params with lr_mult > 0 or bottoms needing one; layers not under a loss are skipped
+        unless ``force_backward``). A net without any loss is treated as under a loss everywhere
+        (Caffe would run no backward there; backward() on a deploy net is what users ask for)."""
+        plans = self._plans
+        blob_need: dict[str, bool] = {}
+        need = []
+        for p in plans:
+            n = any(p2.requires_grad for p2 in p.layer.blobs)
+            for b, det in zip(p.bottoms, p.detach):
+                n = n or (blob_need.get(b, False) and not det)
+            if force_backward and not p.layer.is_input:
+                n = n or any(not det for det in p.detach) or len(p.layer.blobs) > 0
+            need.append(n)
+            for t in p.tops:
+                blob_need[t] = blob_need.get(t, False) or n
+        has_loss = any(w for p in plans for w in p.loss_weights)
+        if not force_backward and has_loss:
+            under: set[str] = set()
+            for i in range(len(plans) - 1, -1, -1):
+                p = plans[i]
+                contributes = any(w for w in p.loss_weights) or any(t in under for t in p.tops)
+                if not contributes:
+                    need[i] = False
+                else:
+                    under.update(p.bottoms)
+        blob_need = {}
+        self._bottom_need: list[list[bool]] = []
+        for i, p in enumerate(plans):
+            bn = [need[i] and not det and (force_backward or blob_need.get(b, False))
+                  for b, det in zip(p.bottoms, p.detach)]
+            self._bottom_need.append(bn)
+            for t in p.tops:
+                blob_need[t] = blob_need.get(t, False) or need[i]
+        self._layer_need = need
+        # Blobs an in-place layer at index >= i writes: a recorded bottom aliasing such a buffer is cloned.
+        later: set[str] = set()
+        self._inplace_after: list[frozenset[str]] = [frozenset()] * len(plans)
+        for i in range(len(plans) - 1, -1, -1):
+            later |= {t for t in plans[i].tops if t in plans[i].bottoms}
+            self._inplace_after[i] = frozenset(later)
+
     # --- forward / backward ----------------------------------------------------------------------
     def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and (
+        return torch.is_grad_enabled() and any(self._layer_need) and (
             self.phase == TRAIN or self.force_backward or bool(self.module.loss_tops)
         )
 
-    def _feeds(self, kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def _feeds(self, kwargs: Mapping[str, Any]) -> set[str]:
+        """Write ``name=array`` inputs into their blobs; returns the data-layer tops fed this way."""
+        fed: set[str] = set()
         for name, value in kwargs.items():
-            if name not in self._inputs and name not in self._shapes:
-                raise CaffeportError(f"{self.source}: '{name}' is not a blob of this net{nearest(name, self.blobs)}")
-            t = torch.as_tensor(np.asarray(value, dtype=np.float32) if not isinstance(value, torch.Tensor)
-                                else value, dtype=torch.float32)
-            if name in self._inputs:
-                buf = self._inputs[name]
-                if tuple(buf.shape) != tuple(t.shape):
-                    self._inputs[name] = t.to(self._device).clone()
-                else:
-                    buf.copy_(t)
-            else:  # feeding a data layer's top directly
-                self._inputs[name] = t.to(self._device)
-        feeds = {}
-        grad = self._needs_grad() and self.force_backward
-        for name, buf in self._inputs.items():
-            feeds[name] = buf.detach().requires_grad_(True) if grad else buf
-        return feeds
+            if name not in self._shapes:
+                raise CaffeportError(f"{self.source}: forward() got '{name}', which is not a blob of this net"
+                                     f"{nearest(name, self.blobs)} (inputs: {', '.join(self.inputs) or 'none'})")
+            t = (torch.tensor(np.asarray(value, dtype=np.float32)) if not isinstance(value, torch.Tensor)
+                 else value.detach().to(torch.float32)).to(self._device)
+            if name not in self.module.input_names:
+                fed.add(name)  # feeding a data layer's top directly
+            buf = self._value(name)
+            if tuple(buf.shape) != tuple(t.shape) and name in self.module.input_names:
+                self._reshape_input(name, tuple(t.shape))
+            self._store(name, t)
+        return fed
 
     def _layer_index(self, name: str | None, default: int) -> int:
         if name is None:
@@ -496,80 +635,171 @@ class Net:
             raise CaffeportError(f"{self.source}: no layer named '{name}'{nearest(name, names)}")
         return names.index(name)
 
+    def _run_layers(self, start: int, end: int, record: bool, write: bool, fed: set[str] = frozenset(),
+                    ) -> dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]]:
+        """Caffe's ``ForwardFromTo(start, end)`` (inclusive): each layer reads its bottoms' blobs and
+        writes its tops' blobs. ``record`` keeps, per layer, the (bottom leaves, tops) graph that
+        backward runs layer by layer; ``write=False`` (re-running for a backward) leaves the blobs
+        untouched and takes data layers' tops as they are."""
+        records: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        local: dict[str, torch.Tensor] = {}
+        before, after = self._callbacks["before_forward"], self._callbacks["after_forward"]
+        for i in range(start, end + 1):
+            plan = self._plans[i]
+            layer = plan.layer
+            for cb in before:
+                cb(i)
+            if layer.is_input or (layer.is_data and (not write or all(t in fed for t in plan.tops))):
+                for cb in after:
+                    cb(i)
+                continue
+            need = record and self._layer_need[i]
+            ins = []
+            for k, b in enumerate(plan.bottoms):
+                x = local[b] if b in local else self._value(b)
+                if need:
+                    if write and b in self._owned and b in self._inplace_after[i]:
+                        x = x.clone()  # the buffer is overwritten later in this pass
+                    x = x.detach().requires_grad_(self._bottom_need[i][k])
+                ins.append(x)
+            try:
+                with torch.set_grad_enabled(need):
+                    out = layer(*ins)
+            except Exception as e:  # the layer's own exception, with where it happened
+                if not isinstance(e, CaffeportError) and hasattr(e, "add_note"):
+                    e.add_note(f"in layer '{layer.name}' ({plan.layer.param.type}) of {self.source}")
+                raise
+            if isinstance(out, torch.Tensor):
+                out = (out,)
+            if need:
+                records[i] = (ins, tuple(out))
+            for t, o in zip(plan.tops, out):
+                if write:
+                    self._store(t, o)
+                else:
+                    local[t] = o.detach()
+            for cb in after:
+                cb(i)
+        return records
+
     def forward(self, blobs: Iterable[str] | None = None, start: str | None = None, end: str | None = None,
                 **kwargs: Any) -> dict[str, np.ndarray]:
         """Run the net (pycaffe's ``forward``): inputs by name, returns ``{output: ndarray}``
-        (plus any extra ``blobs`` asked for). ``start``/``end`` are layer names (inclusive)."""
+        (plus any extra ``blobs`` asked for). ``start``/``end`` are layer names; layers
+        ``start..end`` (inclusive) run, reading their bottoms from the blobs as they are now."""
         if self._fast is not None:
             return self._fast.net_forward(self, blobs, start, end, kwargs)
-        feeds = self._feeds(kwargs)
+        fed = self._feeds(kwargs)
         s = self._layer_index(start, 0)
-        e = self._layer_index(end, len(self._plans) - 1) + 1
-        with torch.set_grad_enabled(self._needs_grad()):
-            table = dict(feeds) if s == 0 else self._table
-            self._table = self.module.run(feeds, end=e, start=s, blobs=table)
-        self._graph_ready = torch.is_grad_enabled() and self._needs_grad()
-        self._diff_bufs = {}
-        loss = self.module.loss(self._table) if e == len(self._plans) else None
-        self.loss = float(loss.detach()) if loss is not None else None
-        outs = list(self.outputs) if end is None else list(self._plans[e - 1].tops)
+        e = self._layer_index(end, len(self._plans) - 1)
+        record = self._needs_grad()
+        with torch.set_grad_enabled(record):
+            recs = self._run_layers(s, e, record, True, fed)
+        for i in range(s, e + 1):
+            if i in recs:
+                self._records[i] = recs[i]
+            else:
+                self._records.pop(i, None)
+        total = None
+        for i in range(s, e + 1):
+            for t, w in zip(self._plans[i].tops, self._plans[i].loss_weights):
+                if w:
+                    v = float(self._value(t).sum()) * w
+                    total = v if total is None else total + v
+        self.loss = total
+        outs = list(self.outputs) if end is None else list(self._plans[e].tops)
         outs += [b for b in (blobs or []) if b not in outs]
         return {name: self.blobs[name].data for name in outs}
 
-    def backward(self, diffs: Iterable[str] | None = None, **kwargs: Any) -> dict[str, np.ndarray]:
-        """Backpropagate (pycaffe's ``backward``): top diffs are the loss weights for loss outputs,
-        the diffs set on output blobs (``net.blobs[out].diff[...] = g``), or given by name.
-        Returns the input blobs' diffs (plus any ``diffs`` asked for)."""
+    def backward(self, diffs: Iterable[str] | None = None, start: str | None = None, end: str | None = None,
+                 **kwargs: Any) -> dict[str, np.ndarray]:
+        """Backpropagate (pycaffe's ``backward``, Caffe's ``BackwardFromTo``): layers ``start`` down to
+        ``end`` (names, inclusive; default all), each from its tops' diffs as they are now (loss tops
+        hold their loss weight, outputs what the caller set) into its bottoms' diffs (overwritten) and
+        its param diffs (accumulated). Output diffs may also be given by name. Returns the input blobs'
+        diffs (the bottoms of ``end`` when given) plus any ``diffs`` asked for.
+        Layers recorded by the last forward use that graph; others are re-run from the blobs."""
         if self._fast is not None:
             raise CaffeportError(f"{self.source}: a fast Net (fast=True) is inference-only: no backward")
-        if not self._graph_ready:
-            # The last forward kept no graph (inference): run it again with one, keeping the diffs
-            # the caller set on output blobs.
-            user_diffs = self._diff_bufs
+        for name, value in kwargs.items():
+            if name not in self._shapes:
+                raise CaffeportError(f"{self.source}: backward() got '{name}', which is not a blob of this net"
+                                     f"{nearest(name, self.blobs)} (outputs: {', '.join(self.outputs)})")
+            d = torch.tensor(np.asarray(value, dtype=np.float32)).to(self._device)
+            self._store_diff(name, d.reshape(self._value(name).shape))
+        s = self._layer_index(start, len(self._plans) - 1)
+        e = self._layer_index(end, 0)
+        recs = self._records
+        wanted = [i for i in range(e, s + 1) if self._layer_need[i] and not self._plans[i].layer.is_input
+                  and not (self._plans[i].layer.is_data and not self._plans[i].bottoms)]
+        if any(i not in recs for i in wanted):
             with torch.enable_grad():
-                force = self.force_backward
-                self.force_backward = True
-                try:
-                    self.forward()
-                finally:
-                    self.force_backward = force
-            self._diff_bufs = user_diffs
-        tensors, grads = [], []
-        weights = self.loss_weights
-        for name in self.outputs:
-            t = self._table[name]
-            if not t.requires_grad:
-                continue
-            if name in kwargs:
-                g = torch.tensor(np.asarray(kwargs[name], dtype=np.float32)).reshape(t.shape).to(t.device)
-            elif name in self._diff_bufs:
-                g = self._diff_bufs[name]
-            elif name in weights:
-                g = torch.full_like(t, weights[name])
-            else:
-                continue
-            tensors.append(t)
-            grads.append(g)
-        for t in self._table.values():
-            if t.requires_grad and not t.is_leaf:
-                t.retain_grad()
-        if tensors:
-            torch.autograd.backward(tensors, grads)
-        self._graph_ready = False
-        names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
+                recs = self._run_layers(e, s, True, False)
+        before, after = self._callbacks["before_backward"], self._callbacks["after_backward"]
+        for i in range(s, e - 1, -1):
+            for cb in before:
+                cb(i)
+            rec = recs.get(i) if self._layer_need[i] else None
+            if rec is not None:
+                self._backward_layer(i, rec)
+            for cb in after:
+                cb(i)
+        names = list(self.inputs) if end is None else list(self._plans[e].bottoms)
+        names += [d for d in (diffs or []) if d not in names]
         return {n: self.blobs[n].diff for n in names}
+
+    def _backward_layer(self, i: int, rec: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]) -> None:
+        plan = self._plans[i]
+        ins, outs = rec
+        tensors, grads = [], []
+        for t, o in zip(plan.tops, outs):
+            if o.requires_grad:
+                tensors.append(o)
+                grads.append(self._diff_value(t).reshape(o.shape))
+        targets: list[torch.Tensor] = [x for x in ins if x.requires_grad]
+        seen: set[int] = set()
+        for prm in plan.layer.blobs:
+            if prm.requires_grad and id(prm) not in seen:
+                seen.add(id(prm))
+                targets.append(prm)
+        for x in ins:
+            x.grad = None
+        if tensors and targets:
+            try:
+                torch.autograd.backward(tensors, grads, inputs=targets, retain_graph=True)
+            except Exception as e:
+                if not isinstance(e, CaffeportError) and hasattr(e, "add_note"):
+                    e.add_note(f"in the backward of layer '{plan.layer.name}' ({plan.layer.param.type}) "
+                               f"of {self.source}")
+                raise
+        for b, x in zip(plan.bottoms, ins):
+            if x.requires_grad:
+                self._store_diff(b, x.grad if x.grad is not None else torch.zeros_like(x))
 
     def forward_backward(
         self, feeds: Mapping[str, torch.Tensor] | None = None
     ) -> tuple[float, dict[str, torch.Tensor]]:
         """One training pass as Caffe's ``ForwardBackward``: forward (data layers read their next
-        batch), ``backward`` of the weighted loss into the param grads. Returns (loss, blob table)."""
+        batch), ``backward`` of the weighted loss into the param grads. Returns (loss, blob table).
+        The whole-graph fast path; blobs and diffs a numpy view was taken of are updated too."""
+        watched = [n for n in self._owned_diff]
         with torch.enable_grad():
             table = self.module.run(dict(feeds or self._inputs))
+            for n in watched:
+                t = table.get(n)
+                if t is not None and t.requires_grad and not t.is_leaf:
+                    t.retain_grad()
             loss = self.module.loss(table)
             if loss is not None and loss.requires_grad:
                 loss.backward()
         self._table = table
+        for n, t in table.items():
+            self._store(n, t)
+        for n in watched:
+            t = table.get(n)
+            if t is not None and t.grad is not None:
+                self._store_diff(n, t.grad)
+        self._records = {}
         self.loss = float(loss.detach()) if loss is not None else 0.0
         return self.loss, table
 
@@ -578,14 +808,32 @@ class Net:
             if p.grad is not None:
                 p.grad.zero_()
 
+    def add_callback(self, when: str, fn: Any) -> None:
+        """pycaffe's ``before_forward``/``after_forward``/``before_backward``/``after_backward``:
+        ``fn(layer_index)`` around each layer of ``forward()``/``backward()``."""
+        self._callbacks[when].append(fn)
+
+    def before_forward(self, fn: Any) -> None:
+        self.add_callback("before_forward", fn)
+
+    def after_forward(self, fn: Any) -> None:
+        self.add_callback("after_forward", fn)
+
+    def before_backward(self, fn: Any) -> None:
+        self.add_callback("before_backward", fn)
+
+    def after_backward(self, fn: Any) -> None:
+        self.add_callback("after_backward", fn)
+
     def reshape(self) -> None:
         """Propagate new input shapes through the net (Caffe's ``Net::Reshape``): blob shapes are
-        recomputed without running data layers or advancing any layer state; blob values are reset."""
+        recomputed without running data layers or advancing any layer state; blobs whose shape
+        changed are reset to zeros."""
         shapes: dict[str, Shape] = {}
         for plan in self._plans:
             layer = plan.layer
             if layer.is_input:
-                tops = [tuple(self._inputs[t].shape) for t in plan.tops]
+                tops = [tuple(self._value(t).shape) for t in plan.tops]
             elif layer.is_data:
                 tops = layer.top_shapes([]) or [self._shapes[t] for t in plan.tops]
             else:
@@ -593,35 +841,27 @@ class Net:
             for t, s in zip(plan.tops, tops):
                 shapes[t] = tuple(int(d) for d in s)
         self._shapes = shapes
+        for n in list(self._data):
+            if tuple(self._data[n].shape) != shapes.get(n):
+                del self._data[n]
+                self._owned.discard(n)
+        self._records = {}
         self._table = {}
-        self._diff_bufs = {}
-        self._graph_ready = False
 
     def _reshape_input(self, name: str, shape: tuple[int, ...]) -> None:
-        if name not in self._inputs:
+        if name not in self.module.input_names:
             raise CaffeportError(f"{self.source}: only input blobs can be reshaped; '{name}' is not one "
                                  f"(inputs: {', '.join(self.inputs)})")
-        self._inputs[name] = torch.zeros(shape, device=self._device)
+        if tuple(self._value(name).shape) != shape:
+            self._data[name] = torch.zeros(shape, device=self._device)
+            self._owned.add(name)
+            self._shapes[name] = shape
 
     def _blob_tensor(self, name: str) -> torch.Tensor:
-        if name in self._table:
-            return self._table[name]
-        if name in self._inputs:
-            return self._inputs[name]
-        if name not in self._shapes:
-            raise KeyError(name)
-        # Not computed yet: a zero blob of the inferred shape, as Caffe's freshly allocated blobs.
-        t = torch.zeros(self._shapes[name], device=self._device)
-        self._table[name] = t
-        return t
+        return self._value(name)
 
     def _blob_diff(self, name: str) -> np.ndarray:
-        t = self._blob_tensor(name)
-        if t.grad is not None:
-            return _as_numpy(t.grad)
-        if name not in self._diff_bufs or self._diff_bufs[name].shape != t.shape:
-            self._diff_bufs[name] = torch.zeros_like(t.detach())
-        return _as_numpy(self._diff_bufs[name])
+        return _as_numpy(self._expose_diff(name))
 
     # --- weights ---------------------------------------------------------------------------------
     def copy_from(self, weights: PathLike | Mapping[str, Sequence[np.ndarray]]) -> list[str]:
@@ -636,7 +876,7 @@ class Net:
 
             blobs, src = load_caffemodel(weights), str(weights)
         copied = []
-        for name, layer in self.layer_dict.items():
+        for name, layer in self._layer_dict.items():
             arrays = blobs.get(name)
             if arrays is None or (len(arrays) == 0 and len(layer.blobs) == 0):
                 continue
@@ -680,9 +920,9 @@ class Net:
         atomic_write(path, encode_net_with_blobs(layers, [p.layer.dump_blobs() for p in self._plans]))
 
     def layer_by_name(self, name: str) -> Layer:
-        if name not in self.layer_dict:
-            raise CaffeportError(f"{self.source}: no layer named '{name}'{nearest(name, self.layer_dict)}")
-        return self.layer_dict[name]
+        if name not in self._layer_dict:
+            raise CaffeportError(f"{self.source}: no layer named '{name}'{nearest(name, self._layer_dict)}")
+        return self._layer_dict[name]
 
     def __repr__(self) -> str:
         return f"Net({self.source!r}, phase={'TRAIN' if self.phase == TRAIN else 'TEST'}, layers={len(self._plans)})"
