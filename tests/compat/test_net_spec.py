@@ -9,6 +9,7 @@ the nets caffeport builds from them.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -391,3 +392,67 @@ def test_errors_name_layer_and_keyword() -> None:
     with pytest.raises(KeyError):
         n.__getitem__("nothing")
     assert P.Pooling.AVE == caffe.proto.caffe_pb2.PoolingParameter.AVE
+
+
+# --- caffe's module-level functions (BVLC test_layer_type_list.py, test_nccl.py, _caffe.cpp) ------
+
+def test_layer_type_list() -> None:
+    for type_name in ["Data", "Convolution", "InnerProduct"]:
+        assert type_name in caffe.layer_type_list()
+
+
+def test_nccl() -> None:
+    """BVLC's test only checks uids when has_nccl(); caffeport has no NCCL object and says so."""
+    assert caffe.has_nccl() is False
+    with pytest.raises(CaffeportError, match="caffeport train"):
+        caffe.NCCL(None, b"uid")
+    with pytest.raises(CaffeportError, match="not available"):
+        caffe.NCCL.new_uid()
+
+
+def test_version_and_solver_globals(monkeypatch: pytest.MonkeyPatch) -> None:
+    from caffeport.compat import _misc
+
+    monkeypatch.setattr(_misc, "_STATE", dict(_misc._STATE))
+    assert caffe.__version__ == "1.0.0"
+    assert (caffe.solver_count(), caffe.solver_rank()) == (1, 0)
+    caffe.set_solver_count(4)
+    caffe.set_solver_rank(2)
+    caffe.set_multiprocess(True)
+    assert (caffe.solver_count(), caffe.solver_rank(), _misc.multiprocess()) == (4, 2, True)
+
+
+def test_timer() -> None:
+    import time
+
+    t = caffe.Timer()
+    assert t.ms == 0.0  # never started
+    t.start()
+    time.sleep(0.03)
+    t.stop()
+    ms = t.ms
+    assert 30 <= ms < 2000 and ms == int(ms)  # whole milliseconds, as Caffe's CPU timer
+    time.sleep(0.01)
+    assert t.ms == ms  # stopped
+    t.start()
+    time.sleep(0.01)
+    assert t.ms >= 10  # reading a running timer stops it
+    assert t.ms == t.ms
+
+
+def test_log(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from caffeport.compat import _misc
+
+    monkeypatch.setattr(_misc, "_STATE", dict(_misc._STATE))
+    caffe.log("before init")  # glog writes to stderr until initialised
+    err = capsys.readouterr().err
+    assert re.match(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ _caffe\.cpp:68\] before init$", err.strip())
+    caffe.init_log()
+    caffe.log("to log files in Caffe")
+    assert capsys.readouterr().err == ""
+    caffe.init_log(0, True)
+    caffe.log("shown")
+    assert capsys.readouterr().err.strip().endswith("] shown")
+    caffe.init_log(1, True)  # minloglevel WARNING hides INFO
+    caffe.log("hidden")
+    assert capsys.readouterr().err == ""
