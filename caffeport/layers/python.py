@@ -343,8 +343,10 @@ class PythonLayer(Layer):
             return
         try:
             fn(*args)
-        except Exception as e:
-            raise self.error(f"{type(self.obj).__name__}.{method}() raised {e!r}") from e
+        except Exception as e:  # the user's own exception reaches the caller as itself (as in pycaffe)
+            e.add_note(f"{self.ctx.source}: in {type(self.obj).__name__}.{method}() of Python layer "
+                       f"'{self.name}'")
+            raise
 
     # --- shapes / forward / backward ----------------------------------------------------------------
     def top_shapes(self, bottom_shapes: list[Shape]) -> list[Shape] | None:

@@ -160,8 +160,11 @@ def test_errors(tmp_path):
         make(tmp_path, "cp_no_such_module_xyz", "Layer", [(1,)])
     with pytest.raises(CaffeportError, match="Scale"):
         make(tmp_path, mod, "Scal", [(1,)])  # did you mean 'Scale'
-    with pytest.raises(CaffeportError, match="bad param_str"):
+    # the user's exception reaches the caller as itself (pycaffe), with a note naming the layer
+    with pytest.raises(ValueError, match="bad param_str") as err:
         make(tmp_path, mod, "Broken", [(1,)])
+    assert not isinstance(err.value, CaffeportError)
+    assert any("Broken.setup()" in n for n in err.value.__notes__)
     lp = caffe_pb2.LayerParameter(name="py", type="Python", bottom=["b"], top=["t"])
     with pytest.raises(CaffeportError, match="python_param.module"):
         layer_class("Python")(lp, [(1,)], BuildContext(root=tmp_path, allow_python_layers=True))
