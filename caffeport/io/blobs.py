@@ -16,6 +16,7 @@ over ``data`` when present; weights are returned as float32 (Caffe runs float ne
 from __future__ import annotations
 
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 
 from caffeport.errors import CaffeportError
 from caffeport.io.atomic import atomic_write
+from caffeport.io.safe import max_blob_elements, read_bounded
 from caffeport.proto import caffe_pb2
 
 __all__ = [
@@ -52,7 +54,10 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 def is_hdf5(path: PathLike) -> bool:
     """True when the file starts with the HDF5 signature (at 0 or a 512*2^k user-block offset)."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # never open a FIFO/device just to sniff it
+            return False
+        size = st.st_size
         with open(path, "rb") as f:
             off = 0
             while off + 8 <= size:
@@ -68,13 +73,8 @@ def is_hdf5(path: PathLike) -> bool:
 
 
 def _read_file(path: PathLike, what: str) -> bytes:
-    p = Path(path)
-    try:
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise CaffeportError(f"{what} file not found: {p}") from None
-    except IsADirectoryError:
-        raise CaffeportError(f"{p} is a directory, not a {what} file") from None
+    """The bytes of a regular file (FIFOs, devices and directories refused, size bounded)."""
+    return read_bounded(Path(path), what)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,7 +215,11 @@ def _decode_blob(buf: memoryview, start: int, end: int) -> np.ndarray:
         shape = tuple(shape_dims or ())
     if any(d < 0 for d in shape):
         raise _Corrupt(f"negative dimension in blob shape {shape}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = 1
+    for d in shape:  # exact integers: an int64 product could wrap around
+        count *= int(d)
+    if count > max_blob_elements():
+        raise _Corrupt(f"blob shape {shape} declares {count} elements, more than the limit {max_blob_elements()}")
     if dbl_parts:
         flat = np.concatenate(dbl_parts) if len(dbl_parts) > 1 else dbl_parts[0]
         flat = flat.astype(np.float32)
@@ -273,7 +277,7 @@ def scan_net_blobs(data: bytes | bytearray | memoryview, source: str = "<bytes>"
             layer_i += 1
             if blobs:
                 out[name or ""] = blobs
-    except _Corrupt as e:
+    except (_Corrupt, ValueError, OverflowError, IndexError) as e:
         raise CaffeportError(f"{source}: not a valid caffemodel (truncated or corrupt?): {e}") from None
     return out
 
@@ -431,7 +435,7 @@ def blobproto_to_array(blob: caffe_pb2.BlobProto, float32: bool = False) -> np.n
     """
     try:
         arr = _decode_blob(memoryview(blob.SerializeToString()), 0, blob.ByteSize())
-    except _Corrupt as e:
+    except (_Corrupt, ValueError, OverflowError, IndexError) as e:
         raise CaffeportError(f"invalid BlobProto: {e}") from None
     if len(blob.double_data) and not float32:
         shape = arr.shape
@@ -449,7 +453,7 @@ def array_to_blobproto(arr: np.ndarray, legacy: bool = False) -> caffe_pb2.BlobP
 def _blob_from_bytes(data: bytes, source: str) -> np.ndarray:
     try:
         return _decode_blob(memoryview(data), 0, len(data))
-    except _Corrupt as e:
+    except (_Corrupt, ValueError, OverflowError, IndexError) as e:
         raise CaffeportError(f"{source}: not a valid BlobProto (truncated or corrupt?): {e}") from None
 
 
@@ -481,7 +485,7 @@ def read_blobproto_vector(path: PathLike) -> list[np.ndarray]:
         for fn, wt, val, _ in _fields(buf, 0, len(buf)):
             if fn == 1 and wt == 2:
                 out.append(_decode_blob(buf, val[0], val[1]))
-    except _Corrupt as e:
+    except (_Corrupt, ValueError, OverflowError, IndexError) as e:
         raise CaffeportError(f"{path}: not a valid BlobProtoVector (truncated or corrupt?): {e}") from None
     return out
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from caffeport.errors import CaffeportError
 from caffeport.io.atomic import atomic_path
+from caffeport.io.safe import element_count, max_file_bytes, regular_file
 from caffeport.proto import caffe_pb2
 
 __all__ = [
@@ -39,13 +40,37 @@ def _h5py():
     return h5py
 
 
+# h5py raises these (and OSError) on corrupt files: a truncated B-tree, a bad object header, a
+# dataset whose dtype cannot be read. They become one CaffeportError naming the file.
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError,
+              AttributeError, UnicodeDecodeError)
+
+
+def _h5_errors_named(what: str):
+    """Decorator: any h5py/numpy error while reading becomes a CaffeportError naming the file."""
+    import functools
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(path: PathLike, *args, **kwargs):
+            try:
+                return fn(path, *args, **kwargs)
+            except _H5_ERRORS as e:
+                raise CaffeportError(f"{path}: corrupt HDF5 {what}: {e!r}") from None
+
+        return wrapper
+
+    return deco
+
+
 def _open(path: PathLike, what: str):
     h5py = _h5py()
+    regular_file(path, what)
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
         raise CaffeportError(f"{what} file not found: {path}") from None
-    except OSError as e:
+    except _H5_ERRORS as e:
         raise CaffeportError(f"{path}: cannot read as HDF5 {what} (truncated or corrupt?): {e}") from None
 
 
@@ -71,7 +96,28 @@ def _indexed(group) -> list[np.ndarray]:
         raise CaffeportError(
             f"{group.file.filename}: {group.name}: expected datasets named 0, 1, ... got {keys}"
         ) from None
-    return [np.asarray(group[k][()], dtype=np.float32) for k in order]
+    out = []
+    for k in order:
+        ds = group[k]
+        if not hasattr(ds, "shape") or not hasattr(ds, "dtype"):
+            raise CaffeportError(f"{group.file.filename}: {group.name}/{k} is not a dataset")
+        _check_dataset(ds, f"{group.file.filename}: dataset {group.name}/{k}")
+        out.append(np.asarray(ds[()], dtype=np.float32))
+    return out
+
+
+def _check_dataset(ds, where: str) -> None:
+    """Refuse a dataset whose declared size is absurd before reading it (HDF5 can declare 2^31 x 4
+    float64 in a few hundred bytes: chunks never written read as fill values)."""
+    if ds.dtype.kind not in "fiub":
+        raise CaffeportError(f"{where}: dtype {ds.dtype} is not numeric")
+    n = element_count(ds.shape or (), where)
+    nbytes = n * max(ds.dtype.itemsize, 4)
+    size = os.path.getsize(ds.file.filename)
+    limit = max_file_bytes()
+    if nbytes > limit or (nbytes > size * 1024 + (64 << 20)):
+        raise CaffeportError(f"{where}: shape {tuple(ds.shape)} ({nbytes} bytes) is implausible for a file of "
+                             f"{size} bytes")
 
 
 def _atomic_h5(path: PathLike, fill) -> None:
@@ -80,10 +126,11 @@ def _atomic_h5(path: PathLike, fill) -> None:
         fill(f)
 
 
+@_h5_errors_named("caffemodel")
 def read_caffemodel_h5(path: PathLike) -> OrderedDict[str, list[np.ndarray]]:
     """``{layer: [float32 arrays]}`` for the layers with parameters in a ``.caffemodel.h5``."""
     with _open(path, "caffemodel") as f:
-        if "data" not in f:
+        if "data" not in f or not hasattr(f["data"], "items"):
             raise CaffeportError(f"{path}: HDF5 file has no 'data' group, not a Caffe .caffemodel.h5")
         out: OrderedDict[str, list[np.ndarray]] = OrderedDict()
         try:
@@ -91,11 +138,12 @@ def read_caffemodel_h5(path: PathLike) -> OrderedDict[str, list[np.ndarray]]:
                 blobs = _indexed(g)
                 if blobs:
                     out[name] = blobs
-        except OSError as e:
-            raise CaffeportError(f"{path}: corrupt HDF5 caffemodel: {e}") from None
+        except _H5_ERRORS as e:
+            raise CaffeportError(f"{path}: corrupt HDF5 caffemodel: {e!r}") from None
         return out
 
 
+@_h5_errors_named("caffemodel")
 def read_caffemodel_h5_net(path: PathLike) -> caffe_pb2.NetParameter:
     """A NetParameter with one ``layer {name blobs}`` per layer of an HDF5 caffemodel (no types:
     the HDF5 format stores only names and blobs)."""
@@ -105,10 +153,13 @@ def read_caffemodel_h5_net(path: PathLike) -> caffe_pb2.NetParameter:
     with _open(path, "caffemodel") as f:
         if "data" not in f:
             raise CaffeportError(f"{path}: HDF5 file has no 'data' group, not a Caffe .caffemodel.h5")
-        for name, g in _layer_groups(f["data"]):
-            lp = net.layer.add(name=name)
-            for arr in _indexed(g):
-                lp.blobs.add().CopyFrom(array_to_blobproto(arr))
+        try:
+            for name, g in _layer_groups(f["data"]):
+                lp = net.layer.add(name=name)
+                for arr in _indexed(g):
+                    lp.blobs.add().CopyFrom(array_to_blobproto(arr))
+        except _H5_ERRORS as e:
+            raise CaffeportError(f"{path}: corrupt HDF5 caffemodel: {e!r}") from None
     return net
 
 
@@ -125,10 +176,14 @@ def write_caffemodel_h5(weights: Mapping[str, Sequence[np.ndarray]], path: PathL
     _atomic_h5(path, fill)
 
 
+@_h5_errors_named("solverstate")
 def read_solverstate_h5(path: PathLike) -> tuple[int, int, str, list[np.ndarray]]:
     """(iter, current_step, learned_net, history) from a ``.solverstate.h5``."""
     with _open(path, "solverstate") as f:
         try:
+            for key in ("iter", "current_step"):
+                if key in f:
+                    _check_dataset(f[key], f"{path}: dataset {key}")
             it = int(np.asarray(f["iter"][()]).reshape(-1)[0])
             step = int(np.asarray(f["current_step"][()]).reshape(-1)[0]) if "current_step" in f else 0
             ln = f["learned_net"][()] if "learned_net" in f else b""
@@ -136,6 +191,8 @@ def read_solverstate_h5(path: PathLike) -> tuple[int, int, str, list[np.ndarray]
             history = _indexed(f["history"]) if "history" in f else []
         except KeyError as e:
             raise CaffeportError(f"{path}: not a Caffe HDF5 solverstate (missing {e})") from None
+        except _H5_ERRORS as e:
+            raise CaffeportError(f"{path}: corrupt HDF5 solverstate: {e!r}") from None
     return it, step, learned, history
 
 

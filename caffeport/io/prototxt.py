@@ -26,6 +26,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 
 from caffeport.errors import CaffeportError, nearest
+from caffeport.io.safe import max_file_bytes, max_prototxt_bytes, read_bounded, regular_file
 from caffeport.proto import caffe_pb2
 
 __all__ = [
@@ -280,12 +281,17 @@ def parse_solver_text(text: str, source: str = "<text>") -> caffe_pb2.SolverPara
 def read_text_or_binary(path: PathLike, msg: Message) -> Message:
     """Fill ``msg`` from ``path``: text format or binary wire format, detected from the content."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise CaffeportError(f"file not found: {p}") from None
-    except IsADirectoryError:
-        raise CaffeportError(f"{p} is a directory, not a {msg.DESCRIPTOR.name} file") from None
+    what = msg.DESCRIPTOR.name
+    size = regular_file(p, what)  # FIFOs, devices and directories refused before any read
+    limit = max_prototxt_bytes()
+    if size > limit:  # big binary nets (caffemodels) are fine; text over the limit is not
+        with open(p, "rb") as f:
+            head = f.read(4096)
+        if not is_binary(head):
+            raise CaffeportError(f"{p}: text {what} of {size} bytes, more than the limit {limit} "
+                                 "(CAFFEPORT_MAX_PROTOTXT_BYTES)")
+        limit = max_file_bytes()
+    data = read_bounded(p, what, limit)
     if is_binary(data):
         try:
             msg.ParseFromString(data)

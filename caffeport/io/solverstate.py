@@ -56,7 +56,7 @@ def read_solverstate(path: PathLike) -> SolverStateData:
                 st.current_step = B._signed32(val)
             else:
                 raise B._Corrupt(f"unexpected field {fn} (wire type {wt})")
-    except B._Corrupt as e:
+    except (B._Corrupt, ValueError, OverflowError, IndexError) as e:
         raise CaffeportError(f"{path}: not a valid solverstate (truncated or corrupt?): {e}") from None
     return st
 

@@ -52,6 +52,30 @@ def _labels(label: torch.Tensor) -> torch.Tensor:
     return label.detach().to(torch.int64)
 
 
+def _check_labels(layer: Layer, label: torch.Tensor, num_classes: int, ignore: int | None = None) -> None:
+    """Refuse labels outside ``[0, num_classes)`` (``ignore`` exempt) with an error naming the layer.
+
+    Caffe only DCHECKs this (a debug build aborts, a release build reads out of bounds); PyTorch would
+    raise an opaque index error. Skipped while tracing/exporting and on shape-inference fake tensors."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(label):
+        return
+    t = torch.trunc(label.detach().to(torch.float64))
+    bad = ~torch.isfinite(t) | (t < 0) | (t >= num_classes)
+    if ignore is not None:
+        bad &= t != ignore
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad.reshape(-1))[0])
+        v = float(t.reshape(-1)[i])
+        shown = int(v) if math.isfinite(v) else v
+        raise layer.error(f"label {shown} out of range [0, {num_classes}) at label index {i} of bottom "
+                          f"'{layer.param.bottom[1] if len(layer.param.bottom) > 1 else '?'}'"
+                          + (f" (ignore_label {ignore})" if ignore is not None else ""))
+
+
 def _normalization_mode(layer: Layer, default: int) -> int:
     lp = layer.param.loss_param
     if lp.HasField("normalization"):
@@ -154,6 +178,7 @@ class SoftmaxWithLoss(_LossLayer):
         outer, c = _count(shape, 0, self.axis), int(shape[self.axis])
         inner = _count(shape, self.axis + 1)
         x3 = x.reshape(outer, c, inner)
+        _check_labels(self, label, c, self.ignore_label if self.has_ignore else None)
         lab = _labels(label).reshape(outer, inner)
         if self.has_ignore:
             valid = lab != self.ignore_label
@@ -256,6 +281,7 @@ class MultinomialLogisticLoss(_LossLayer):
 
     def forward(self, prob: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         n = int(prob.shape[0])
+        _check_labels(self, label, int(prob.numel()) // max(n, 1))
         return run_function(_MultinomialFn, prob.reshape(n, -1), _labels(label).reshape(n))
 
 
@@ -345,6 +371,7 @@ class InfogainLoss(_LossLayer):
         shape = x.shape
         outer, c, inner = _count(shape, 0, self.axis), int(shape[self.axis]), _count(shape, self.axis + 1)
         hm = (self.H if h is None else h.detach()).reshape(c, c).to(x.dtype)
+        _check_labels(self, label, c, self.ignore_label if self.has_ignore else None)
         lab = _labels(label).reshape(outer, inner)
         if self.has_ignore:
             valid = lab != self.ignore_label
@@ -396,6 +423,7 @@ class HingeLoss(_LossLayer):
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         n = int(x.shape[0])
         x2 = x.reshape(n, -1)
+        _check_labels(self, label, int(x2.shape[1]))
         lab = _labels(label).reshape(n, 1)
         sign = torch.ones_like(x2).scatter_(1, lab, -1.0)
         t = torch.relu(1.0 + sign * x2)
@@ -545,6 +573,7 @@ class Accuracy(Layer):
         shape = x.shape
         outer, c, inner = _count(shape, 0, self.axis), int(shape[self.axis]), _count(shape, self.axis + 1)
         x3 = x.reshape(outer, c, inner)
+        _check_labels(self, label, c, self.ignore_label if self.has_ignore else None)
         lab = _labels(label).reshape(outer, inner)
         valid = lab != self.ignore_label if self.has_ignore else torch.ones_like(lab, dtype=torch.bool)
         safe = torch.where(valid, lab, torch.zeros_like(lab))
