@@ -57,6 +57,7 @@ class LRPolicy(LRScheduler):
         self.source = source
         self.current_step = int(current_step)
         self._step_before = int(current_step)
+        self._computed_for: int | None = None
         self._last_rate = float("nan")
         super().__init__(optimizer, last_epoch)
 
@@ -64,7 +65,9 @@ class LRPolicy(LRScheduler):
         """The rates of iteration ``last_epoch`` (advances ``current_step`` for multistep)."""
         it = int(self.last_epoch)
         rates = []
-        step = self.current_step
+        # a second call for the same iteration starts again from the step counter it started from
+        step = self._step_before if it == self._computed_for else self.current_step
+        self._computed_for = it
         new_step = step
         for base in self.base_lrs:
             rate, new_step, _ = learning_rate(self.solver_param, it, step, self.source, base_lr=float(base))
@@ -98,6 +101,7 @@ class LRPolicy(LRScheduler):
         self.last_epoch = int(iteration)
         # learning_rate may advance current_step once at this iteration, exactly as Caffe's does.
         self.current_step = int(current_step)
+        self._computed_for = None
         for g, r in zip(self.optimizer.param_groups, self.get_lr()):
             g["lr"] = r
         self._last_lr = [g["lr"] for g in self.optimizer.param_groups]

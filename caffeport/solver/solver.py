@@ -10,8 +10,9 @@ One iteration, in Caffe's order:
    initialised, grads are all-reduced and divided by the world size (Caffe's multi-GPU ``P2PSync``);
 4. display (``display`` divides ``iter``): smoothed loss over ``average_loss`` iterations and every
    train-net output, in glog lines;
-5. :meth:`Solver.apply_update`: lr from the policy, clip, normalise (÷``iter_size``), regularise,
-   the rule's update value, ``w -= value``; ``iter += 1``;
+5. :meth:`Solver.apply_update`: lr from the policy, then ``self.optimizer.step()`` (the
+   :mod:`caffeport.optim` optimizer of the solver's type: clip, normalise (÷``iter_size``),
+   regularise, the rule's update value, ``w -= value``); ``iter += 1``;
 6. snapshot when ``snapshot`` divides the new ``iter``; signal requests (stop/snapshot).
 
 Differences from a ``torch.optim`` loop are documented in :mod:`caffeport.solver.updates`.
@@ -69,7 +70,41 @@ def _read_param(solver: PathLike | caffe_pb2.SolverParameter, net: PathLike | No
     p = Path(solver)
     if not p.exists():
         raise CaffeportError(f"solver file not found: {p}")
-    return read_solver(p, net=net), str(p), p.resolve().parent
+    msg = read_solver(p, net=net, resolve_paths=False)
+    _resolve_solver_paths(msg, p)
+    return msg, str(p), p.resolve().parent
+
+
+def _resolve_solver_paths(msg: caffe_pb2.SolverParameter, solver: Path) -> None:
+    """Relative ``net``/``train_net``/``test_net``/``weights`` paths: the working directory first (as
+    Caffe, whose shipped solvers say ``examples/mnist/...`` from the Caffe root), then the solver's folder;
+    a path found in neither is an error naming both places tried."""
+    folder = solver.resolve().parent
+
+    def res(field: str, v: str) -> str:
+        if not v or os.path.isabs(v):
+            if v and not Path(v).exists():
+                raise CaffeportError(f"{solver}: {field}: \"{v}\" does not exist")
+            return v
+        tried = [Path.cwd() / v, folder / v]
+        for c in tried:
+            if c.exists():
+                return str(c)
+        raise CaffeportError(f"{solver}: {field}: \"{v}\" not found: tried {tried[0]} (the working directory, "
+                             f"as Caffe) and {tried[1]} (the solver's folder); fix the path or pass net=/--net")
+
+    for field in ("net", "train_net"):
+        if msg.HasField(field):
+            setattr(msg, field, res(field, getattr(msg, field)))
+    for i, v in enumerate(list(msg.test_net)):
+        msg.test_net[i] = res(f"test_net[{i}]", v)
+    new_w = [",".join(res("weights", x.strip()) for x in v.split(",") if x.strip()) for v in msg.weights]
+    del msg.weights[:]
+    msg.weights.extend(new_w)
+    if not msg.HasField("snapshot_prefix"):
+        msg.snapshot_prefix = str(solver.with_suffix(""))
+    elif os.path.isdir(msg.snapshot_prefix):
+        msg.snapshot_prefix = str(Path(msg.snapshot_prefix) / solver.stem)
 
 
 def _merged_state(phase: int, net_msg: caffe_pb2.NetParameter, extra: caffe_pb2.NetState | None) -> tuple[
