@@ -184,3 +184,18 @@ def test_errors(tmp_path: Path) -> None:
     bad.history = bad.history[:2]
     with pytest.raises(CaffeportError, match="incorrect length of history blobs"):
         opt.load_solverstate(bad, model.caffe_params())
+
+
+def test_caffeport_train_runs_on_the_optimizer(tmp_path: Path) -> None:
+    """One implementation: the Solver's update is its caffeport.optim optimizer's step, and the
+    history it snapshots is that optimizer's state."""
+    solver = get_solver(write_case(tmp_path, ADAM_MULTISTEP))
+    assert isinstance(solver.optimizer, caffeport.optim.Adam)
+    w = solver.net.params["ip"][0]
+    w_param = solver.net.layer_dict["ip"].blobs[0]
+    assert solver.history[0][0] is solver.optimizer.state[w_param]["exp_avg"]
+    assert solver.history[1][0] is solver.optimizer.state[w_param]["exp_avg_sq"]
+    feed(solver)
+    before = w.data.copy()
+    solver.step(1)
+    assert solver.optimizer.iter == 1 and not np.array_equal(before, w.data)
