@@ -37,13 +37,13 @@ def load_image(filename: str, color: bool = True) -> np.ndarray:
     raw = cv2.imread(str(filename), cv2.IMREAD_UNCHANGED)
     if raw is None:
         raise CaffeportError(f"cannot read image {filename}")
-    scale = 65535.0 if raw.dtype == np.uint16 else 255.0
-    img = raw.astype(np.float32) / scale
+    scale = {np.dtype(np.uint16): 65535.0, np.dtype(np.uint8): 255.0}.get(raw.dtype, 1.0)
+    img = raw.astype(np.float64) / scale  # skimage's img_as_float, in float64 as pycaffe
     if img.ndim == 3:
         img = img[:, :, :3][:, :, ::-1] if img.shape[2] >= 3 else img[:, :, :1]
     if not color:
         if img.ndim == 3 and img.shape[2] == 3:
-            img = img @ np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)  # skimage rgb2gray
+            img = img @ np.array([0.2125, 0.7154, 0.0721])  # skimage rgb2gray
         img = img.reshape(img.shape[0], img.shape[1], 1)
     else:
         if img.ndim == 2:
