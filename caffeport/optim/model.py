@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +95,13 @@ def _seed(param: Any, rank: int) -> None:
 
 def from_solver(solver: PathLike | Any, weights: PathLike | None = None,
                 device: str | torch.device | None = None, *, net: PathLike | None = None,
+                level: int | None = None, stages: Sequence[str] | None = None,
                 include_frozen: bool = False) -> tuple[TrainModule, CaffeOptimizer, LRPolicy]:
     """``(model, optimizer, scheduler)`` for a solver prototxt (or ``SolverParameter``).
 
     The train net is resolved as ``caffeport train`` does (``net``/``train_net``... relative to the
-    working directory or the solver's folder, ``net=`` overrides it), the solver's ``weights:`` and
+    working directory or the solver's folder, ``net=`` overrides it, ``level``/``stages`` set
+    ``train_state`` as ``caffeport train --level/--stage``), the solver's ``weights:`` and
     then ``weights`` (comma-separated caffemodels) are copied by layer name, ``random_seed`` seeds
     torch (``+ rank`` under ``torch.distributed``). ``device`` defaults to the solver's
     ``solver_mode``/``device_id`` (CPU when CUDA is missing)."""
@@ -107,6 +109,10 @@ def from_solver(solver: PathLike | Any, weights: PathLike | None = None,
     from caffeport.solver.solver import _rank, _read_param, build_train_net
 
     param, source, _ = _read_param(solver, net)
+    if level is not None:
+        param.train_state.level = int(level)
+    if stages:
+        param.train_state.stage.extend([s for s in stages if s])
     kind = param.type or "SGD"
     if kind not in OPTIMIZERS:
         from caffeport.errors import nearest

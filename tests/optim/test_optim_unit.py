@@ -199,3 +199,16 @@ def test_caffeport_train_runs_on_the_optimizer(tmp_path: Path) -> None:
     before = w.data.copy()
     solver.step(1)
     assert solver.optimizer.iter == 1 and not np.array_equal(before, w.data)
+
+
+def test_from_solver_stages_and_weights(tmp_path: Path) -> None:
+    """``stages=`` selects layers as ``caffeport train --stage``; ``weights=`` copies by layer name."""
+    net = NET + 'layer { name: "extra" type: "Power" bottom: "p" top: "p2" include { stage: "big" } }\n'
+    path = write_case(tmp_path, 'base_lr: 0.1 lr_policy: "fixed"', net)
+    plain, _, _ = from_solver(path)
+    staged, _, _ = from_solver(path, stages=["big"])
+    assert "extra" not in plain.net.layer_dict and "extra" in staged.net.layer_dict
+    w = np.full((2, 3), 0.25, np.float32)
+    caffeport.save_caffemodel({"ip": [w, np.zeros(2, np.float32)]}, tmp_path / "w.caffemodel")
+    model, _, _ = from_solver(path, weights=tmp_path / "w.caffemodel")
+    np.testing.assert_array_equal(model.params["ip"][0].detach().numpy(), w)
