@@ -209,7 +209,7 @@ def test_brewing_logreg_net_runs_as_numpy(tmp_path: Path) -> None:
     np.testing.assert_allclose(float(out["accuracy"]), (s.argmax(1) == y).mean(), rtol=1e-6)
 
 
-# --- FCN (shelhamer/fcn.berkeleyvision.org voc-fcn8s/net.py): crop(), pycaffe's text -------------
+# --- FCN (shelhamer/fcn.berkeleyvision.org voc-fcn8s, voc-fcn32s net.py): crop(), pycaffe's text -----
 
 def conv_relu(bottom, nout, ks=3, stride=1, pad=1):
     conv = L.Convolution(bottom, kernel_size=ks, stride=stride, num_output=nout, pad=pad,
@@ -221,9 +221,8 @@ def max_pool(bottom, ks=2, stride=2):
     return L.Pooling(bottom, pool=P.Pooling.MAX, kernel_size=ks, stride=stride)
 
 
-def fcn8s(data_tops, width: dict[int, int] | None = None, nclass: int = 21):
-    """voc-fcn8s/net.py's fcn(), data layer given; ``width`` shrinks channel counts for running."""
-    w = (lambda c: width.get(c, c)) if width else (lambda c: c)
+def fcn_base(data_tops, w):
+    """The VGG trunk of shelhamer/fcn.berkeleyvision.org's net.py files (through drop7)."""
     n = caffe.NetSpec()
     n.data, n.label = data_tops
     n.conv1_1, n.relu1_1 = conv_relu(n.data, w(64), pad=100)
@@ -248,7 +247,27 @@ def fcn8s(data_tops, width: dict[int, int] | None = None, nclass: int = 21):
     n.drop6 = L.Dropout(n.relu6, dropout_ratio=0.5, in_place=True)
     n.fc7, n.relu7 = conv_relu(n.drop6, w(4096), ks=1, pad=0)
     n.drop7 = L.Dropout(n.relu7, dropout_ratio=0.5, in_place=True)
-    learned = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
+    return n
+
+
+LEARNED = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
+
+
+def fcn32s(data_tops, nclass: int = 21):
+    """voc-fcn32s/net.py's fcn(), data layer given."""
+    n = fcn_base(data_tops, lambda c: c)
+    n.score_fr = L.Convolution(n.drop7, num_output=nclass, kernel_size=1, pad=0, param=LEARNED)
+    n.upscore = L.Deconvolution(n.score_fr, convolution_param=dict(num_output=nclass, kernel_size=64, stride=32,
+                                                                    bias_term=False), param=[dict(lr_mult=0)])
+    n.score = crop(n.upscore, n.data)
+    n.loss = L.SoftmaxWithLoss(n.score, n.label, loss_param=dict(normalize=False, ignore_label=255))
+    return n
+
+
+def fcn8s(data_tops, width: dict[int, int] | None = None, nclass: int = 21):
+    """voc-fcn8s/net.py's fcn(), data layer given; ``width`` shrinks channel counts for running."""
+    n = fcn_base(data_tops, (lambda c: width.get(c, c)) if width else (lambda c: c))
+    learned = LEARNED
     n.score_fr = L.Convolution(n.drop7, num_output=nclass, kernel_size=1, pad=0, param=learned)
     n.upscore2 = L.Deconvolution(n.score_fr, convolution_param=dict(num_output=nclass, kernel_size=4, stride=2,
                                                                      bias_term=False), param=[dict(lr_mult=0)])
@@ -278,10 +297,12 @@ FCN_PARAM_STR = {
 
 
 @pytest.mark.parametrize("split,layer", [("train", "SBDDSegDataLayer"), ("val", "VOCSegDataLayer")])
-def test_fcn8s_text_is_pycaffes(split: str, layer: str) -> None:
+@pytest.mark.parametrize("builder,folder", [(fcn8s, FCN8S), (fcn32s, FCN8S.parent / "voc-fcn32s")],
+                         ids=["fcn8s", "fcn32s"])
+def test_fcn_text_is_pycaffes(split: str, layer: str, builder, folder: Path) -> None:
     data = L.Python(module='voc_layers', layer=layer, ntop=2, param_str=FCN_PARAM_STR[split])
-    got = str(fcn8s(data).to_proto())
-    assert got == (FCN8S / f"{split}.prototxt").read_text()
+    got = str(builder(data).to_proto())
+    assert got == (folder / f"{split}.prototxt").read_text()
 
 
 def test_fcn_style_net_with_crops_runs(tmp_path: Path) -> None:
