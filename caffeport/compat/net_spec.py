@@ -229,7 +229,11 @@ class NetSpec:
         names = {v: k for k, v in self.tops.items()}
         autonames: Counter = Counter()
         layers: OrderedDict = OrderedDict()
-        for top in self.tops.values():
+        for name, top in self.tops.items():
+            if not isinstance(top, (Top, Function)):
+                hint = " (a layer with several tops: unpack them, n.a, n.b = L.X(..., ntop=2))" \
+                    if isinstance(top, tuple) else ""
+                raise NetSpecTypeError(f"NetSpec.{name} is not a Top (type is {type(top)}){hint}")
             top._to_proto(layers, names, autonames)
         net = caffe_pb2.NetParameter()
         net.layer.extend(layers.values())

@@ -477,3 +477,10 @@ def test_log(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> 
     caffe.init_log(1, True)  # minloglevel WARNING hides INFO
     caffe.log("hidden")
     assert capsys.readouterr().err == ""
+
+
+def test_assigning_a_tuple_of_tops_is_a_clear_error() -> None:
+    n = caffe.NetSpec()
+    n.both = L.DummyData(shape=dict(dim=[1]), ntop=2)
+    with pytest.raises(CaffeportError, match=r"NetSpec.both is not a Top .*unpack them"):
+        n.to_proto()
