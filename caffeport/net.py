@@ -643,7 +643,7 @@ class Net:
         untouched and takes data layers' tops as they are."""
         records: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
         local: dict[str, torch.Tensor] = {}
-        before, after = self._callbacks["before_forward"], self._callbacks["after_forward"]
+        before, after = (self._callbacks["before_forward"], self._callbacks["after_forward"]) if write else ((), ())
         for i in range(start, end + 1):
             plan = self._plans[i]
             layer = plan.layer

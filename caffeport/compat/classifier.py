@@ -6,22 +6,22 @@ from typing import Any
 
 import numpy as np
 
+from caffeport.compat import Net
 from caffeport.compat import io as cio
 from caffeport.layers.base import TEST
 
 
-class Classifier:
+class Classifier(Net):
     """``Classifier(model, pretrained, image_dims=None, mean=None, input_scale=None, raw_scale=None,
-    channel_swap=None)``; ``predict(images, oversample=True)`` returns class probabilities
-    (averaged over the 10 crops when oversampling)."""
+    channel_swap=None)``, a ``caffe.Net`` (TEST phase) as in pycaffe; ``predict(images,
+    oversample=True)`` returns class probabilities (averaged over the 10 crops when oversampling).
+    ``self.net`` is the Classifier itself (kept for scripts written against older wrappers)."""
 
     def __init__(self, model_file: str, pretrained_file: str, image_dims: Any = None, mean: Any = None,
                  input_scale: Any = None, raw_scale: Any = None, channel_swap: Any = None):
-        from caffeport.compat import Net
-
-        self.net = Net(model_file, pretrained_file, TEST)
-        in_ = self.net.inputs[0]
-        self.transformer = cio.Transformer({in_: self.net.blobs[in_].shape})
+        Net.__init__(self, model_file, pretrained_file, TEST)
+        in_ = self.inputs[0]
+        self.transformer = cio.Transformer({in_: self.blobs[in_].shape})
         self.transformer.set_transpose(in_, (2, 0, 1))
         if mean is not None:
             self.transformer.set_mean(in_, mean)
@@ -31,8 +31,12 @@ class Classifier:
             self.transformer.set_raw_scale(in_, raw_scale)
         if channel_swap is not None:
             self.transformer.set_channel_swap(in_, channel_swap)
-        self.crop_dims = np.array(self.net.blobs[in_].shape[2:])
+        self.crop_dims = np.array(self.blobs[in_].shape[2:])
         self.image_dims = np.array(image_dims) if image_dims is not None else self.crop_dims
+
+    @property
+    def net(self) -> Classifier:
+        return self
 
     def predict(self, inputs: Any, oversample: bool = True) -> np.ndarray:
         input_ = np.zeros((len(inputs), self.image_dims[0], self.image_dims[1], inputs[0].shape[2]), dtype=np.float32)
@@ -45,12 +49,12 @@ class Classifier:
             crop = np.tile(center, (1, 2))[0] + np.concatenate([-self.crop_dims / 2.0, self.crop_dims / 2.0])
             crop = crop.astype(int)
             input_ = input_[:, crop[0]:crop[2], crop[1]:crop[3], :]
-        in_name = self.net.inputs[0]
+        in_name = self.inputs[0]
         caffe_in = np.zeros(np.array(input_.shape)[[0, 3, 1, 2]], dtype=np.float32)
         for ix, in_ in enumerate(input_):
             caffe_in[ix] = self.transformer.preprocess(in_name, in_)
-        out = self.net.forward_all(**{in_name: caffe_in})
-        predictions = out[self.net.outputs[0]]
+        out = self.forward_all(**{in_name: caffe_in})
+        predictions = out[self.outputs[0]]
         if oversample:
             predictions = predictions.reshape((len(predictions) // 10, 10, -1)).mean(1)
         return predictions
