@@ -68,11 +68,15 @@ def export_onnx(model: str, weights: str | None, output: str, opset: int, input_
               help=".pt/.pth/.safetensors (state_dict), or the program file with --torchscript/--export.")
 @click.option("--torchscript", "kind", flag_value="torchscript", help="Write a TorchScript program.")
 @click.option("--export", "kind", flag_value="export", help="Write a torch.export program (.pt2).")
+@click.option("--python", "kind", flag_value="python",
+              help="Write PyTorch source (OUTPUT.py, one nn.Module 'Net', needs only torch) and its "
+                   "state_dict (OUTPUT.pt); import it and call load().")
 @_input_shape_opt
 def export_torch(model: str, weights: str | None, output: str, kind: str | None,
                  input_shapes: tuple[str, ...]) -> None:
-    """Export MODEL's weights as a state_dict of tensors (keys '<layer>.<blob index>'), or the deploy
-    net as a TorchScript / torch.export program checked against caffeport's forward."""
+    """Export MODEL's weights as a state_dict of tensors (keys '<layer>.<blob index>'), the deploy
+    net as a TorchScript / torch.export program, or as generated PyTorch source (--python); programs
+    and source are checked against caffeport's forward."""
     from caffeport.export.torch_export import (
         export_program,
         load_state_dict,
@@ -81,6 +85,15 @@ def export_torch(model: str, weights: str | None, output: str, kind: str | None,
     )
 
     net = _load(model, weights, input_shapes)
+    if kind == "python":
+        from caffeport.export.pysource import export_python
+
+        if weights is None:
+            click.echo("note: no --weights given; the exported weights are the net's fillers", err=True)
+        py, pt, err = export_python(net, output)
+        click.echo(f"wrote {py} and {pt}: class Net, inputs {', '.join(net.inputs)}, outputs "
+                   f"{', '.join(net.outputs)}; checked against caffeport: max relative error {err:.3g}")
+        return
     if kind is None:
         save_state_dict(net, output)
         back = state_dict_to_blobs(load_state_dict(output))
