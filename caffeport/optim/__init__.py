@@ -1,6 +1,21 @@
 """Caffe's solvers in PyTorch's own shapes: ``torch.optim`` optimizers, an ``LRScheduler`` and
 :func:`from_solver` (``model, optimizer, scheduler`` from a solver prototxt).
 
+::
+
+    model, optimizer, scheduler = caffeport.from_solver("solver.prototxt", weights="init.caffemodel")
+    for it in range(param.max_iter):                 # param = caffeport.read_solver("solver.prototxt")
+        optimizer.zero_grad()
+        for _ in range(param.iter_size):
+            model.loss(model()).backward()           # the data layers read the next batch
+        optimizer.step()                             # Caffe's ApplyUpdate
+        scheduler.step()                             # Caffe's lr_policy
+    caffeport.optim.save_solverstate("x_iter_N.solverstate", model, optimizer, scheduler,
+                                     caffemodel="x_iter_N.caffemodel")
+
+On a module of your own: ``caffeport.optim.SGD([{"params": [w]}, {"params": [b], "lr_mult": 2,
+"decay_mult": 0}], "solver.prototxt")`` and ``caffeport.optim.LRPolicy(optimizer, "solver.prototxt")``.
+
 The update math is :mod:`caffeport.solver.updates` (shared with ``caffeport train``); the lr
 policies are :mod:`caffeport.solver.policies`. See :mod:`caffeport.optim.optimizer` for where the
 optimizers differ from ``torch.optim``'s.
