@@ -20,13 +20,19 @@ __all__ = ["Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSol
 class _PycaffeSolver:
     """Mixin: the nets a solver builds are compat Nets; pycaffe's extra methods."""
 
-    def _build_net(self, model: Any, phase: int, extra: Any) -> Any:
+    @staticmethod
+    def _compat(net: Any) -> Any:
         from caffeport.compat import Net as CompatNet
 
-        net = super()._build_net(model, phase, extra)  # type: ignore[misc]
         # A compat Net adds only views and checks to caffeport's Net (no state of its own in __init__).
         net.__class__ = CompatNet
         return net
+
+    def _init_train_net(self) -> Any:
+        return self._compat(super()._init_train_net())  # type: ignore[misc]
+
+    def _init_test_nets(self) -> list[Any]:
+        return [self._compat(n) for n in super()._init_test_nets()]  # type: ignore[misc]
 
     def share_weights(self, net: Any) -> None:
         """pycaffe's ``solver.share_weights(net)``: ``net`` uses the train net's blobs (same memory)."""
