@@ -658,6 +658,50 @@ helper("Upsample", '''
 ''')
 
 
+helper("ROIPool", '''
+    class ROIPool(nn.Module):
+        """Fast R-CNN ROI max pooling: rois (R, 5) = [batch, x1, y1, x2, y2] scaled by spatial_scale
+        and rounded half away from zero; ROI size max(end - start + 1, 1); bin p spans
+        [floor(p * bin), ceil((p + 1) * bin)) in float32, clipped to the map; empty bins give 0;
+        ties keep the first maximum in row-major order."""
+
+        def __init__(self, pooled_h, pooled_w, spatial_scale):
+            super().__init__()
+            self.pooled_h, self.pooled_w, self.spatial_scale = pooled_h, pooled_w, spatial_scale
+
+        @staticmethod
+        def _bins(start, size, n, limit):
+            f32 = torch.float32
+            bin_size = size.to(f32) / torch.tensor(float(n), dtype=f32)
+            p = torch.arange(n, device=start.device, dtype=f32)
+            lo = torch.floor(p[None, :] * bin_size[:, None]).long() + start[:, None]
+            hi = torch.ceil((p[None, :] + 1) * bin_size[:, None]).long() + start[:, None]
+            return lo.clamp(0, limit), hi.clamp(0, limit)
+
+        def forward(self, x, rois):
+            N, C, H, W = x.shape
+            PH, PW = self.pooled_h, self.pooled_w
+            rois = rois.detach().reshape(-1, 5).to(torch.float32)
+            b = rois[:, 0].long()
+            scale = torch.tensor(self.spatial_scale, dtype=torch.float32)
+            v = rois[:, 1:] * scale
+            xs, ys, xe, ye = (torch.sign(v) * torch.floor(v.abs() + 0.5)).long().unbind(1)
+            hlo, hhi = self._bins(ys, torch.clamp(ye - ys + 1, min=1), PH, H)
+            wlo, whi = self._bins(xs, torch.clamp(xe - xs + 1, min=1), PW, W)
+            rows = torch.arange(H, device=x.device)
+            cols = torch.arange(W, device=x.device)
+            mh = (rows[None, None, :] >= hlo[:, :, None]) & (rows[None, None, :] < hhi[:, :, None])  # R, PH, H
+            mw = (cols[None, None, :] >= wlo[:, :, None]) & (cols[None, None, :] < whi[:, :, None])  # R, PW, W
+            feat = x[b]  # R, C, H, W
+            vw = feat[:, :, :, None, :].masked_fill(~mw[:, None, None], -torch.inf)  # R, C, H, PW, W
+            m1 = vw.max(dim=-1).values  # R, C, H, PW
+            vh = m1[:, :, None].masked_fill(~mh[:, None, :, :, None], -torch.inf)  # R, C, PH, H, PW
+            out = vh.max(dim=3).values  # R, C, PH, PW
+            empty = (hhi <= hlo)[:, :, None] | (whi <= wlo)[:, None, :]
+            return torch.where(empty[:, None], torch.zeros_like(out), out)
+''')
+
+
 # --------------------------------------------------------------------------------------------------
 # per-type source forms
 # --------------------------------------------------------------------------------------------------
@@ -699,7 +743,6 @@ SOURCE_FORMS: dict[str, SourceForm] = {}
 
 NO_SOURCE_FORM = {
     "DetectionOutput": "SSD's decoding + per-class NMS is not a plain PyTorch layer",
-    "ROIPooling": "not generated (per-ROI loops); export up to its input",
     "LSTM": "Caffe's unrolled recurrent net is not generated",
     "RNN": "Caffe's unrolled recurrent net is not generated",
     "Python": "a Python layer runs arbitrary code",
@@ -1110,6 +1153,12 @@ def _interp(L: PyLayer) -> Form:
 def _upsample(L: PyLayer) -> Form:
     size = tuple(int(d) for d in L.top_shapes[0][2:])
     return Form(_call("Upsample", size), helpers=("Upsample",))
+
+
+@source_form("ROIPooling")
+def _roi_pooling(L: PyLayer) -> Form:
+    lay = L.layer
+    return Form(_call("ROIPool", lay.pooled_h, lay.pooled_w, float(lay.spatial_scale)), helpers=("ROIPool",))
 
 
 SHAPE_ONLY = {"PriorBox"}

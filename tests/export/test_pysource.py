@@ -53,7 +53,10 @@ CORPUS_SAMPLE = [
     # SSD face detector cut before DetectionOutput (no plain-PyTorch form): Normalize, Permute,
     # PriorBox, Flatten, Concat on a real net
     "4_real_caffemodels/libfacedetection_yufacedetectnet/models/caffe/yufacedetectnet-open-v1.prototxt",
+    # Fast R-CNN (ZF) with 8 ROIs, some partly outside the map: ROIPooling
+    "3_model_zoo/py_faster_rcnn/models/pascal_voc/ZF/fast_rcnn/test.prototxt",
 ]
+N_ROIS = 8
 TRAINED = {"tiny": "2_bvlc_caffe/head/examples/mnist/lenet.prototxt"}  # backward + torch.compile
 
 
@@ -77,8 +80,12 @@ def _golden_net(name: str) -> Net:
 
 
 def _corpus_net(rel: str) -> Net:
+    from caffeport.export.common import set_input_shapes
+
     path = CORPUS / rel
     msg = _small_message(path)
+    if any(t == "rois" for lp in msg.layer if lp.type == "Input" for t in lp.top):
+        set_input_shapes(msg, {"rois": (N_ROIS, 5)}, rel)
     cut = [lp for lp in msg.layer if lp.type == "DetectionOutput"]
     for lp in cut:
         msg.layer.remove(lp)
@@ -161,6 +168,10 @@ def generated(tmp_path_factory):
     for i, rel in enumerate(CORPUS_SAMPLE):
         net = _corpus_net(rel)
         feeds = {n: rng.standard_normal(net._shapes[n]).astype(np.float32) for n in net.inputs}
+        if "rois" in feeds:  # [batch 0, x1, y1, x2, y2] around the 64 x 64 image
+            x1, y1 = rng.uniform(-5, 60, N_ROIS), rng.uniform(-5, 60, N_ROIS)
+            feeds["rois"] = np.stack([np.zeros(N_ROIS), x1, y1, x1 + rng.uniform(-3, 40, N_ROIS),
+                                      y1 + rng.uniform(0, 40, N_ROIS)], 1).astype(np.float32)
         add(f"corpus_{i}", net, feeds, train=rel == TRAINED["tiny"])
     (d / "jobs.json").write_text(json.dumps(jobs))
     (d / "runner.py").write_text(RUNNER)
@@ -299,11 +310,10 @@ def test_cli_writes_module_and_weights_for_a_train_val_net(tmp_path) -> None:
 
 
 def test_cli_names_layers_without_a_form(tmp_path) -> None:
-    rel = "3_model_zoo/py_faster_rcnn/models/pascal_voc/ZF/fast_rcnn/test.prototxt"
-    r = CliRunner().invoke(main, ["export-torch", str(CORPUS / rel), "--python", "-o", str(tmp_path / "m.py"),
-                                  "--input-shape", "data:1,3,64,64", "--input-shape", "rois:2,5"])
+    rel = "4_real_caffemodels/libfacedetection_yufacedetectnet/models/caffe/yufacedetectnet-open-v1.prototxt"
+    r = CliRunner().invoke(main, ["export-torch", str(CORPUS / rel), "--python", "-o", str(tmp_path / "m.py")])
     assert r.exit_code != 0
-    assert "'roi_pool_conv5' (ROIPooling)" in r.output and not (tmp_path / "m.py").exists()
+    assert "'detection_out' (DetectionOutput)" in r.output and not (tmp_path / "m.py").exists()
     with pytest.raises(CaffeportError):
         export_python(_golden_net("python_layer"), tmp_path / "p.py")
 
