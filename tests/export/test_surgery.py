@@ -224,6 +224,15 @@ def test_input_fed_net_exports_through_the_cli(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     got = torch.export.load(str(tmp_path / "m.pt2")).module()(torch.from_numpy(x))[0]
     np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-6)
+    r = runner.invoke(main, ["export-torch", str(model), "-w", str(w), "--python", "-o", str(tmp_path / "gen.py")])
+    assert r.exit_code == 0, r.output
+    from caffeport.export.pysource import load_generated
+
+    gen = load_generated((tmp_path / "gen.py").read_text()).Net()
+    gen.load_state_dict(torch.load(tmp_path / "gen.pt", weights_only=True))
+    got = gen.eval()(data=torch.from_numpy(x))
+    assert list(got) == ["prob"]
+    np.testing.assert_allclose(got["prob"].detach().numpy(), want, rtol=1e-4, atol=1e-6)
     r = runner.invoke(main, ["deploy", str(model), "-o", str(tmp_path / "d.prototxt"), "--batch", "1"])
     assert r.exit_code == 0, r.output
     d = read_net(tmp_path / "d.prototxt")
