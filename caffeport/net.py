@@ -654,6 +654,13 @@ class Net:
                     cb(i)
                 continue
             need = record and self._layer_need[i]
+            if write and not need and plan.inplace and plan.bottoms[0] not in self._owned:
+                x = self._value(plan.bottoms[0])
+                if _private(x, self._data, {}):  # nothing else holds it: overwrite it (no copy)
+                    self._data[plan.tops[0]] = layer.forward_inplace(x)
+                    for cb in after:
+                        cb(i)
+                    continue
             ins = []
             for k, b in enumerate(plan.bottoms):
                 x = local[b] if b in local else self._value(b)
