@@ -80,7 +80,7 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
               sighup_effect: str, log_file: str | None, net: str | None, snapshot_prefix: str | None) -> None:
     """Train or fine-tune a model (``caffe train``)."""
     from caffeport.solver import Glog, SignalActions
-    from caffeport.solver.parallel import TrainJob, launch, plan_devices, train
+    from caffeport.solver.parallel import TrainJob, launch, plan_devices, run_torchrun, torchrun_env, train
 
     if solver_file and solver and solver_file != solver:
         raise CaffeportError(f"two solvers given: {solver_file} and --solver {solver}")
@@ -94,6 +94,14 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
                    iterations=iterations, snapshot_prefix=snapshot_prefix, log_file=log_file,
                    sigint_effect=sigint_effect, sighup_effect=sighup_effect)
     actions = SignalActions(sigint_effect, sighup_effect)  # validates the effects up front
+    if torchrun_env() is not None:  # one rank of a torchrun / env:// job (multi-node data parallel)
+        from caffeport.io import read_solver
+
+        if not Path(path).exists():
+            raise CaffeportError(f"solver file not found: {path}")
+        read_solver(Path(path), net=net)
+        run_torchrun(job, gpu)
+        return
     devices = plan_devices(gpu)
     if devices is not None:  # Caffe's multi-GPU training: one process per device
         from caffeport.io import read_solver

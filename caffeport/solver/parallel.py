@@ -23,6 +23,12 @@ ranks once per iteration, after the update, so every replica stops or snapshots 
 iteration (a signal that arrives during a test pass is acted on after the next update). Send them to
 the whole process group (Ctrl-C does) or to rank 0; the launcher and the other ranks ignore them.
 
+Multi-node: under ``torchrun`` (env:// rendezvous: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+``caffeport train`` is one rank of the job (:func:`run_torchrun`): the same meaning across machines,
+records strided by global rank, NCCL on ``cuda:LOCAL_RANK`` or gloo on the CPU. Collectives time out
+after ``CAFFEPORT_DIST_TIMEOUT`` seconds (default 1800), so a rank that dies ends the job with one
+message instead of a hang; rank 0's snapshots are atomic files, so the last one stays intact.
+
 Testing aid (no GPUs needed): ``--gpu cpu:N`` runs N CPU processes over gloo, and with
 ``CAFFEPORT_DP_DEVICE=cpu`` in the environment ``--gpu 0,1`` (any id list) does the same with one
 process per listed id. CPU processes share the machine's cores (each gets ``cores / N`` threads).
@@ -36,15 +42,18 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 
 from caffeport.errors import CaffeportError
 
-__all__ = ["TrainJob", "ENV_DEVICE", "plan_devices", "launch", "train", "broadcast_state", "SyncedActions"]
+__all__ = ["TrainJob", "ENV_DEVICE", "ENV_TIMEOUT", "plan_devices", "launch", "train", "broadcast_state",
+           "SyncedActions", "torchrun_env", "run_torchrun", "collective_timeout"]
 
 ENV_DEVICE = "CAFFEPORT_DP_DEVICE"
+ENV_TIMEOUT = "CAFFEPORT_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -191,24 +200,51 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, job: TrainJob, devices: list[torch.device], init_method: str, errors: Any) -> None:
+def collective_timeout() -> timedelta:
+    """How long a rank waits on a collective before the job ends (``CAFFEPORT_DIST_TIMEOUT`` seconds,
+    default 1800): a rank that died or hangs then ends the job with one message instead of a hang."""
+    raw = os.environ.get(ENV_TIMEOUT, "").strip()
+    try:
+        secs = float(raw) if raw else 1800.0
+    except ValueError:
+        raise CaffeportError(f"{ENV_TIMEOUT}={raw!r}: expected a number of seconds") from None
+    return timedelta(seconds=max(1.0, secs))
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A torch.distributed failure (timeout, closed connection) rather than an error of this rank."""
+    import torch.distributed as dist
+
+    text = f"{type(e).__name__}: {e}".lower()
+    kinds = tuple(k for k in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None)) if k)
+    return isinstance(e, kinds) or any(w in text for w in ("timed out", "timeout", "connection closed",
+                                                          "connection reset", "broken pipe", "gloo",
+                                                          "nccl", "peer", "socket"))
+
+
+def _run_rank(rank: int, world: int, dev: torch.device, job: TrainJob, init_method: str,
+              what: str) -> None:
+    """One data-parallel rank: join the process group, solve, leave. ``what`` names the launcher
+    in rank 0's log line. A lost peer becomes one CaffeportError (snapshots are atomic: the last one
+    written stays intact)."""
     import torch.distributed as dist
 
     from caffeport.solver import Glog, SignalActions
 
-    world = len(devices)
-    dev = devices[rank]
     if rank != 0:  # rank 0 acts on signals and tells the others
         for sig in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
             if sig is not None:
                 signal.signal(sig, signal.SIG_IGN)
+    timeout = collective_timeout()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world, device_id=dev)
-        control = dist.new_group(backend="gloo")
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world, device_id=dev,
+                                timeout=timeout)
+        control = dist.new_group(backend="gloo", timeout=timeout)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world, timeout=timeout)
         control = None
     log = Glog.stderr(job.log_file) if rank == 0 else Glog()
     try:
@@ -220,18 +256,80 @@ def _worker(rank: int, job: TrainJob, devices: list[torch.device], init_method: 
             s.add_update_hook(synced.exchange)
 
         if rank == 0:
-            log.info(f"Using GPUs {', '.join(str(d.index) for d in devices)}" if dev.type == "cuda"
-                     else f"Data parallel on the CPU: {world} processes (gloo)", "caffe.cpp:224")
+            log.info(f"Using GPUs {', '.join(str(d.index) for d in [dev])} (rank 0 of {world}, {what})"
+                     if dev.type == "cuda" else f"Data parallel on the CPU: {world} processes (gloo, {what})",
+                     "caffe.cpp:224")
             log.info(f"Starting {world} solvers ({'NCCL' if dev.type == 'cuda' else 'gloo'}); effective batch = "
                      f"batch_size x {world}", "parallel.cpp:397")
-        train(job, dev, log, synced, after_load, signals=local)
-        dist.barrier()
+        try:
+            train(job, dev, log, synced, after_load, signals=local)
+            dist.barrier()
+        except CaffeportError:
+            raise
+        except Exception as e:
+            if not _peer_lost(e):
+                raise
+            raise CaffeportError(
+                f"rank {rank} of {world}: another rank stopped answering ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'}); the job is ended. Snapshots "
+                f"are written atomically by rank 0, so the last one is intact: resume the whole job with "
+                f"--snapshot PREFIX_iter_N.solverstate") from None
+    finally:
+        log.close()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _worker(rank: int, job: TrainJob, devices: list[torch.device], init_method: str, errors: Any) -> None:
+    try:
+        _run_rank(rank, len(devices), devices[rank], job, init_method, "spawned by caffeport")
     except CaffeportError as e:
         errors.put((rank, str(e)))
         raise SystemExit(1) from None
-    finally:
-        log.close()
-        dist.destroy_process_group()
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """``(rank, world_size, local_rank)`` when launched by torchrun / SLURM-style env:// variables
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) with more than one rank, else None."""
+    env = os.environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+    try:
+        world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+        local = int(env.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise CaffeportError(f"torchrun environment: RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}"
+                             f", LOCAL_RANK={env.get('LOCAL_RANK')!r} must be integers") from None
+    if world < 2:
+        return None
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if missing:
+        raise CaffeportError(f"torchrun environment: WORLD_SIZE={world} but {', '.join(missing)} not set "
+                             "(launch with torchrun, or export them for env:// rendezvous)")
+    if not 0 <= rank < world:
+        raise CaffeportError(f"torchrun environment: RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def run_torchrun(job: TrainJob, gpu: str | None) -> None:
+    """``caffeport train`` as one rank of a torchrun job (``--nnodes N --nproc-per-node M``): global
+    rank strides the records, gradients are averaged over all ranks, rank 0 logs/tests/snapshots.
+    Device: ``cuda:LOCAL_RANK`` (NCCL) when CUDA is available and ``--gpu`` is not ``cpu...``,
+    else the CPU (gloo)."""
+    env = torchrun_env()
+    if env is None:
+        raise CaffeportError("run_torchrun: no torchrun environment (RANK/WORLD_SIZE) with 2+ ranks")
+    rank, world, local = env
+    want_cpu = bool(gpu) and gpu.strip().lower().startswith("cpu") or \
+        os.environ.get(ENV_DEVICE, "").strip().lower() == "cpu"
+    if torch.cuda.is_available() and not want_cpu:
+        if local >= torch.cuda.device_count():
+            raise CaffeportError(f"rank {rank}: LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA "
+                                 "devices on this node (--nproc-per-node must not exceed the GPUs per node)")
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    _run_rank(rank, world, dev, job, "env://", f"torchrun rank {rank}")
 
 
 def launch(job: TrainJob, devices: list[torch.device]) -> None:
