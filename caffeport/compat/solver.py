@@ -34,6 +34,14 @@ class _PycaffeSolver:
     def _init_test_nets(self) -> list[Any]:
         return [self._compat(n) for n in super()._init_test_nets()]  # type: ignore[misc]
 
+    def _share_test_weights(self) -> None:
+        """Caffe's ``ShareTrainedLayersWith`` on the raw layers (the compat views' numpy blobs would
+        copy values rather than share memory): test nets see every update, as in pycaffe."""
+        from caffeport.compat import Net as CompatNet
+
+        for tn in self.test_nets:  # type: ignore[attr-defined]
+            CompatNet.share_with(tn, self.net)  # type: ignore[attr-defined]
+
     def share_weights(self, net: Any) -> None:
         """pycaffe's ``solver.share_weights(net)``: ``net`` uses the train net's blobs (same memory)."""
         from caffeport.compat import Net as CompatNet

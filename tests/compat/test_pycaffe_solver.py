@@ -146,3 +146,10 @@ def test_get_solver_picks_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     f.write_text(SOLVER.format(net=net_f, max_iter=1).replace("momentum: 0.9", "momentum: 0.9 type: 'Adam'"))
     s = caffe.get_solver(str(f))
     assert type(s).__name__ == "AdamSolver" and isinstance(s.net, caffe.Net)
+
+
+def test_test_nets_share_the_train_nets_memory(solver: caffe.SGDSolver) -> None:
+    solver.net.params["conv"][0].data[...] = 0.3
+    np.testing.assert_array_equal(solver.test_nets[0].params["conv"][0].data, 0.3)
+    solver.step(2)  # updates are seen without a test pass (pycaffe's manual loops rely on it)
+    np.testing.assert_array_equal(solver.test_nets[0].params["conv"][0].data, solver.net.params["conv"][0].data)
