@@ -17,7 +17,8 @@ a form gets a :class:`PyLayer` (the instantiated caffeport layer, its param, sha
 Where the generated code differs from caffeport: gradients are autograd's (Caffe's special
 backward rules - Power at 0, ELU's, MVN's eps, Eltwise MAX ties - are not reproduced); nn.BatchNorm
 updates running statistics with torch's momentum rule if trained (Caffe accumulates sums); random
-layers (Dropout) use torch's RNG.
+layers (Dropout) use torch's RNG; LSTM/RNN start every call from zero state (Caffe carries the last
+state into the next forward unless the state is exposed).
 """
 
 from __future__ import annotations
@@ -702,6 +703,78 @@ helper("ROIPool", '''
 ''')
 
 
+helper("CaffeLSTM", '''
+    class CaffeLSTM(nn.Module):
+        """Caffe's LSTM over x (T, N, ...) with continuation flags cont (T, N): one bias, gates
+        i, f, o, g, cont_t zeroes h_{t-1} and c_{t-1} per stream, an optional static input (N, ...)
+        added to every step. Each call starts from zero state, or from h0, c0 (1, N, H) when
+        expose_hidden (then also returns hT, cT); Caffe instead carries the last state into the
+        next forward when the state is not exposed."""
+
+        def __init__(self, input_dim, hidden, static_dim=None, expose_hidden=False):
+            super().__init__()
+            self.hidden, self.expose_hidden = hidden, expose_hidden
+            self.w_xc = nn.Parameter(torch.zeros(4 * hidden, input_dim))
+            self.b_c = nn.Parameter(torch.zeros(4 * hidden))
+            self.w_xc_static = nn.Parameter(torch.zeros(4 * hidden, static_dim)) if static_dim else None
+            self.w_hc = nn.Parameter(torch.zeros(4 * hidden, hidden))
+
+        def forward(self, x, cont, *rest):
+            T, N = x.shape[0], x.shape[1]
+            gx = F.linear(x.reshape(T, N, -1), self.w_xc, self.b_c)
+            if self.w_xc_static is not None:
+                gx = gx + F.linear(rest[0].reshape(N, -1), self.w_xc_static).unsqueeze(0)
+                rest = rest[1:]
+            if self.expose_hidden:
+                h, c = (r.reshape(N, self.hidden) for r in rest)
+            else:
+                h = c = x.new_zeros(N, self.hidden)
+            hs = []
+            for t in range(T):
+                ct = cont[t].to(x.dtype).unsqueeze(1)
+                gates = F.linear(ct * h, self.w_hc) + gx[t]
+                xi, xf, xo, xg = gates.chunk(4, dim=-1)
+                f = torch.where(ct == 0, torch.zeros_like(xf), ct * torch.sigmoid(xf))
+                c = f * c + torch.sigmoid(xi) * torch.tanh(xg)
+                h = torch.sigmoid(xo) * torch.tanh(c)
+                hs.append(h)
+            out = torch.stack(hs)
+            if self.expose_hidden:
+                return out, h.reshape(1, N, -1), c.reshape(1, N, -1)
+            return out
+''', imports=("F",))
+
+helper("CaffeRNN", '''
+    class CaffeRNN(nn.Module):
+        """Caffe's Elman RNN: h_t = tanh(W_hh (cont_t * h_{t-1}) + W_xh x_t + b_h [+ W_xh_static x_s]),
+        output o_t = tanh(W_ho h_t + b_o) (not h, unlike nn.RNN). State as CaffeLSTM's."""
+
+        def __init__(self, input_dim, hidden, static_dim=None, expose_hidden=False):
+            super().__init__()
+            self.hidden, self.expose_hidden = hidden, expose_hidden
+            self.w_xh = nn.Parameter(torch.zeros(hidden, input_dim))
+            self.b_h = nn.Parameter(torch.zeros(hidden))
+            self.w_xh_static = nn.Parameter(torch.zeros(hidden, static_dim)) if static_dim else None
+            self.w_hh = nn.Parameter(torch.zeros(hidden, hidden))
+            self.w_ho = nn.Parameter(torch.zeros(hidden, hidden))
+            self.b_o = nn.Parameter(torch.zeros(hidden))
+
+        def forward(self, x, cont, *rest):
+            T, N = x.shape[0], x.shape[1]
+            hx = F.linear(x.reshape(T, N, -1), self.w_xh, self.b_h)
+            if self.w_xh_static is not None:
+                hx = hx + F.linear(rest[0].reshape(N, -1), self.w_xh_static).unsqueeze(0)
+                rest = rest[1:]
+            h = rest[0].reshape(N, self.hidden) if self.expose_hidden else x.new_zeros(N, self.hidden)
+            hs = []
+            for t in range(T):
+                h = torch.tanh(F.linear(cont[t].to(x.dtype).unsqueeze(1) * h, self.w_hh) + hx[t])
+                hs.append(h)
+            o = torch.tanh(F.linear(torch.stack(hs), self.w_ho, self.b_o))
+            return (o, h.reshape(1, N, -1)) if self.expose_hidden else o
+''', imports=("F",))
+
+
 # --------------------------------------------------------------------------------------------------
 # per-type source forms
 # --------------------------------------------------------------------------------------------------
@@ -743,8 +816,6 @@ SOURCE_FORMS: dict[str, SourceForm] = {}
 
 NO_SOURCE_FORM = {
     "DetectionOutput": "SSD's decoding + per-class NMS is not a plain PyTorch layer",
-    "LSTM": "Caffe's unrolled recurrent net is not generated",
-    "RNN": "Caffe's unrolled recurrent net is not generated",
     "Python": "a Python layer runs arbitrary code",
     "Accuracy": "an evaluation layer, not part of a deploy net",
 }
@@ -1159,6 +1230,27 @@ def _upsample(L: PyLayer) -> Form:
 def _roi_pooling(L: PyLayer) -> Form:
     lay = L.layer
     return Form(_call("ROIPool", lay.pooled_h, lay.pooled_w, float(lay.spatial_scale)), helpers=("ROIPool",))
+
+
+@source_form("LSTM", "RNN")
+def _recurrent(L: PyLayer) -> Form:
+    """Caffe's unrolled recurrent net as one loop; each call starts from zero state (see CaffeLSTM)."""
+    lay = L.layer
+    blobs = L.blobs
+    lstm = L.param.type == "LSTM"
+    names = ["w_xc", "b_c"] if lstm else ["w_xh", "b_h"]
+    if lay.static_input:
+        names.append("w_xc_static" if lstm else "w_xh_static")
+    names += ["w_hc"] if lstm else ["w_hh", "w_ho", "b_o"]
+    state = dict(zip(names, blobs))
+    static_dim = int(blobs[2].shape[1]) if lay.static_input else None
+    kw: dict[str, Any] = {}
+    if static_dim:
+        kw["static_dim"] = static_dim
+    if lay.expose_hidden:
+        kw["expose_hidden"] = True
+    cls = "CaffeLSTM" if lstm else "CaffeRNN"
+    return Form(_call(cls, int(blobs[0].shape[1]), int(lay.hidden), **kw), state, helpers=(cls,))
 
 
 SHAPE_ONLY = {"PriorBox"}

@@ -32,8 +32,6 @@ from tests.golden import CORPUS, REPO, case_info, cases, in_case, npz
 NO_PY_FORM = {
     "accuracy_topk_ignore_perclass": "Accuracy",
     "dummydata_constant": "DummyData",
-    "lstm": "LSTM",
-    "rnn": "RNN",
     "python_layer": "Python",
 }
 
@@ -321,3 +319,32 @@ def test_cli_names_layers_without_a_form(tmp_path) -> None:
 def test_corpus_sample_names_corpus_nets() -> None:
     assert {_rel(CORPUS / r) for r in CORPUS_SAMPLE} == set(CORPUS_SAMPLE)
     assert all((CORPUS / r).exists() for r in CORPUS_SAMPLE)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_recurrent_static_input_and_exposed_state(kind: str) -> None:
+    """The LSTM/RNN paths the goldens do not reach: a static input and exposed h0 (c0) / hT (cT),
+    with a mid-sequence reset (cont 0), against caffeport's layer."""
+    from tests.export.helpers import net_from_text
+
+    states = ["h0", "c0"] if kind == "LSTM" else ["h0"]
+    shape = "shape { dim: 1 dim: 2 dim: 4 }"
+    inputs = "".join(f'layer {{ name: "{s}" type: "Input" top: "{s}" input_param {{ {shape} }} }}\n' for s in states)
+    bottoms = " ".join(f'bottom: "{s}"' for s in states)
+    tops = " ".join(f'top: "{s}T"' for s in states)
+    net = net_from_text(f"""
+        layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: 5 dim: 2 dim: 3 }} }} }}
+        layer {{ name: "cont" type: "Input" top: "cont" input_param {{ shape {{ dim: 5 dim: 2 }} }} }}
+        layer {{ name: "xs" type: "Input" top: "xs" input_param {{ shape {{ dim: 2 dim: 6 }} }} }}
+        {inputs}
+        layer {{ name: "rec" type: "{kind}" bottom: "x" bottom: "cont" bottom: "xs" {bottoms} top: "y" {tops}
+                 recurrent_param {{ num_output: 4 expose_hidden: true }} }}""")
+    rng = np.random.default_rng(2)
+    feeds = {n: rng.standard_normal(net._shapes[n]).astype(np.float32) for n in net.inputs}
+    feeds["cont"] = np.array([[0, 0], [1, 1], [1, 0], [1, 1], [0, 1]], np.float32)
+    gen = generate_source(net)
+    assert f"Caffe{kind}(3, 4, static_dim=6, expose_hidden=True)" in gen.source
+    from caffeport.export.pysource import check_generated
+
+    assert check_generated(gen, net, feeds=feeds) <= 1e-6
+    assert set(net.outputs) == {"y", *[f"{s}T" for s in states]}
