@@ -150,6 +150,6 @@ def test_get_solver_picks_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_test_nets_share_the_train_nets_memory(solver: caffe.SGDSolver) -> None:
     solver.net.params["conv"][0].data[...] = 0.3
-    np.testing.assert_array_equal(solver.test_nets[0].params["conv"][0].data, 0.3)
+    np.testing.assert_array_equal(solver.test_nets[0].params["conv"][0].data, np.float32(0.3))
     solver.step(2)  # updates are seen without a test pass (pycaffe's manual loops rely on it)
     np.testing.assert_array_equal(solver.test_nets[0].params["conv"][0].data, solver.net.params["conv"][0].data)
