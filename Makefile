@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv proto lint bench clean
+.PHONY: demo test venv proto lint bench clean fuzz
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check caffeport tests bench
+
+# Long fuzz run (FUZZ_SECONDS, FUZZ_SEED): prints tried/clean/crash/hang/memory/unnamed, failures in fuzz_failures.json.
+FUZZ_SECONDS ?= 600
+FUZZ_SEED ?= 1
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.fuzz_runner --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) --json fuzz_failures.json
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -73,8 +73,10 @@ def read_image_list(path: Path, keep_blank: bool = False) -> list[tuple[str, int
     A trailing ``\\r`` is dropped. Blank lines are skipped unless ``keep_blank`` (convert_imageset keeps
     them so that record numbers in keys match Caffe's; the ImageData layer would fail on them).
     """
+    from caffeport.io.safe import read_text_bounded
+
     try:
-        text = path.read_text()
+        text = read_text_bounded(path, "image list").decode("utf-8", errors="replace")
     except OSError as e:
         raise CaffeportError(f"cannot read image list '{path}': {e.strerror}") from None
     raw_lines = text.split("\n")
@@ -350,7 +352,9 @@ class HDF5Batches:
         self.stride = RecordStride(rank, world)
         if not list_path.is_file():
             raise CaffeportError(f"{where}: HDF5 list source '{list_path}' not found")
-        names = list_path.read_text().split()
+        from caffeport.io.safe import read_text_bounded
+
+        names = read_text_bounded(list_path, "HDF5 list").decode("utf-8", errors="replace").split()
         if not names:
             raise CaffeportError(f"{where}: must have at least 1 HDF5 filename listed in '{list_path}'")
         self.files = [resolve_data_path(n, root, list_path.parent) for n in names]
@@ -370,6 +374,8 @@ class HDF5Batches:
     def _load(self, idx: int) -> None:
         import h5py
 
+        from caffeport.io.hdf5 import H5_ERRORS, check_dataset
+
         path = self.files[idx]
         if not path.is_file():
             raise CaffeportError(
@@ -384,13 +390,14 @@ class HDF5Batches:
                             f"{self.where}: HDF5 file '{path}' has no dataset '{t}' (the tops name the "
                             f"datasets; it has {sorted(f.keys())})"
                         )
+                    check_dataset(f[t], f"{self.where}: HDF5 file '{path}' dataset '{t}'")
                     a = np.asarray(f[t][...], dtype=np.float32)
                     if a.ndim < 1:
                         raise CaffeportError(
                             f"{self.where}: dataset '{t}' in '{path}' must have at least 1 axis"
                         )
                     arrays.append(np.ascontiguousarray(a))
-        except OSError as e:
+        except H5_ERRORS as e:  # corrupt files make h5py raise OSError, RuntimeError, KeyError, ValueError...
             raise CaffeportError(f"{self.where}: failed opening HDF5 file '{path}': {e}") from None
         num = arrays[0].shape[0]
         for t, a in zip(self.tops, arrays):

@@ -24,6 +24,8 @@ from caffeport.io.safe import element_count, max_file_bytes, regular_file
 from caffeport.proto import caffe_pb2
 
 __all__ = [
+    "H5_ERRORS",
+    "check_dataset",
     "read_caffemodel_h5",
     "read_caffemodel_h5_net",
     "write_caffemodel_h5",
@@ -42,7 +44,7 @@ def _h5py():
 
 # h5py raises these (and OSError) on corrupt files: a truncated B-tree, a bad object header, a
 # dataset whose dtype cannot be read. They become one CaffeportError naming the file.
-_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError,
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError,
               AttributeError, UnicodeDecodeError)
 
 
@@ -55,7 +57,7 @@ def _h5_errors_named(what: str):
         def wrapper(path: PathLike, *args, **kwargs):
             try:
                 return fn(path, *args, **kwargs)
-            except _H5_ERRORS as e:
+            except H5_ERRORS as e:
                 raise CaffeportError(f"{path}: corrupt HDF5 {what}: {e!r}") from None
 
         return wrapper
@@ -70,7 +72,7 @@ def _open(path: PathLike, what: str):
         return h5py.File(path, "r")
     except FileNotFoundError:
         raise CaffeportError(f"{what} file not found: {path}") from None
-    except _H5_ERRORS as e:
+    except H5_ERRORS as e:
         raise CaffeportError(f"{path}: cannot read as HDF5 {what} (truncated or corrupt?): {e}") from None
 
 
@@ -101,12 +103,12 @@ def _indexed(group) -> list[np.ndarray]:
         ds = group[k]
         if not hasattr(ds, "shape") or not hasattr(ds, "dtype"):
             raise CaffeportError(f"{group.file.filename}: {group.name}/{k} is not a dataset")
-        _check_dataset(ds, f"{group.file.filename}: dataset {group.name}/{k}")
+        check_dataset(ds, f"{group.file.filename}: dataset {group.name}/{k}")
         out.append(np.asarray(ds[()], dtype=np.float32))
     return out
 
 
-def _check_dataset(ds, where: str) -> None:
+def check_dataset(ds, where: str) -> None:
     """Refuse a dataset whose declared size is absurd before reading it (HDF5 can declare 2^31 x 4
     float64 in a few hundred bytes: chunks never written read as fill values)."""
     if ds.dtype.kind not in "fiub":
@@ -138,7 +140,7 @@ def read_caffemodel_h5(path: PathLike) -> OrderedDict[str, list[np.ndarray]]:
                 blobs = _indexed(g)
                 if blobs:
                     out[name] = blobs
-        except _H5_ERRORS as e:
+        except H5_ERRORS as e:
             raise CaffeportError(f"{path}: corrupt HDF5 caffemodel: {e!r}") from None
         return out
 
@@ -158,7 +160,7 @@ def read_caffemodel_h5_net(path: PathLike) -> caffe_pb2.NetParameter:
                 lp = net.layer.add(name=name)
                 for arr in _indexed(g):
                     lp.blobs.add().CopyFrom(array_to_blobproto(arr))
-        except _H5_ERRORS as e:
+        except H5_ERRORS as e:
             raise CaffeportError(f"{path}: corrupt HDF5 caffemodel: {e!r}") from None
     return net
 
@@ -183,7 +185,7 @@ def read_solverstate_h5(path: PathLike) -> tuple[int, int, str, list[np.ndarray]
         try:
             for key in ("iter", "current_step"):
                 if key in f:
-                    _check_dataset(f[key], f"{path}: dataset {key}")
+                    check_dataset(f[key], f"{path}: dataset {key}")
             it = int(np.asarray(f["iter"][()]).reshape(-1)[0])
             step = int(np.asarray(f["current_step"][()]).reshape(-1)[0]) if "current_step" in f else 0
             ln = f["learned_net"][()] if "learned_net" in f else b""
@@ -191,7 +193,7 @@ def read_solverstate_h5(path: PathLike) -> tuple[int, int, str, list[np.ndarray]
             history = _indexed(f["history"]) if "history" in f else []
         except KeyError as e:
             raise CaffeportError(f"{path}: not a Caffe HDF5 solverstate (missing {e})") from None
-        except _H5_ERRORS as e:
+        except H5_ERRORS as e:
             raise CaffeportError(f"{path}: corrupt HDF5 solverstate: {e!r}") from None
     return it, step, learned, history
 

@@ -102,24 +102,13 @@ def allow_python_layers(allow: bool = True) -> Iterator[None]:
         _ALLOW_PYTHON_LAYERS.reset(token)
 
 
-# Upper bound on the elements of one parameter blob or top (2^31: 8 GiB of float32), so that a
-# prototxt asking for absurd sizes (num_output: 2000000000) fails naming the layer, not with MemoryError.
-MAX_BLOB_ELEMENTS = int(os.environ.get("CAFFEPORT_MAX_BLOB_ELEMENTS", str(2**31)))
-
-
 def check_blob_elements(shape: Sequence[int], what: str) -> int:
-    """Element count of ``shape``, computed without overflow; CaffeportError text (``what`` names the
-    file/layer/field) when a dimension is negative or the count exceeds ``MAX_BLOB_ELEMENTS``."""
-    n = 1
-    for d in shape:
-        d = int(d)
-        if d < 0:
-            raise CaffeportError(f"{what}: shape {tuple(int(x) for x in shape)} has a negative dimension")
-        n *= d
-    if n > MAX_BLOB_ELEMENTS:
-        raise CaffeportError(f"{what}: shape {tuple(int(x) for x in shape)} has {n} elements, more than the "
-                             f"limit {MAX_BLOB_ELEMENTS} (CAFFEPORT_MAX_BLOB_ELEMENTS)")
-    return n
+    """Element count of ``shape`` in exact integers; CaffeportError (``what`` names the file/layer/blob)
+    for a negative dimension or more than ``CAFFEPORT_MAX_BLOB_ELEMENTS`` (default 2^31: 8 GiB of
+    float32), so that ``num_output: 2000000000`` fails naming the layer instead of with MemoryError."""
+    from caffeport.io.safe import element_count
+
+    return element_count(shape, what)
 
 
 @dataclass

@@ -518,7 +518,10 @@ class InnerProduct(Layer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:self.axis]
-        x2 = x.reshape(-1, self.k) if self.axis > 0 else x.reshape(1, self.k)
+        if self.k == 0:  # K = 0 (a 0-sized bottom): -1 is ambiguous; Caffe's GEMM adds nothing -> bias
+            x2 = x.reshape(math.prod(int(d) for d in lead) if self.axis > 0 else 1, 0)
+        else:
+            x2 = x.reshape(-1, self.k) if self.axis > 0 else x.reshape(1, self.k)
         w = self.blobs[0]
         b = self.blobs[1] if self.bias_term else None
         if self.transpose:

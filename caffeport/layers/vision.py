@@ -414,6 +414,10 @@ class Pooling(Layer):
 
     def forward(self, x: torch.Tensor):
         H, W = x.shape[-2], x.shape[-1]
+        if x.numel() == 0:  # a blob with a 0 dimension: Caffe's loops run zero times (torch refuses)
+            shapes = self.top_shapes([tuple(int(d) for d in x.shape)])
+            outs = tuple(x.new_zeros(s) for s in shapes)
+            return outs if self.want_mask else outs[0]
         if self.global_pooling and self.method == _PP.AVE:
             return x.mean(dim=(2, 3), keepdim=True)
         y, mask = pool2d(x, self.method, self._kernel(H, W), self.stride, self.pad, self.ceil,
@@ -503,10 +507,18 @@ class LRN(Layer):
         return [bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A window wider than the blob only adds zero padding: clip it to n (same sums, the divisor stays
+        # local_size), so that local_size: 2147483647 does not pad 2^30 channels / rows.
         if self.region == _LRN.ACROSS_CHANNELS:
-            return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
-        p = (self.size - 1) // 2
-        avg = F.avg_pool2d(x * x, self.size, 1, p, ceil_mode=True, count_include_pad=True)
+            n = 2 * int(x.shape[1]) + 1
+            if self.size <= n:
+                return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+            return F.local_response_norm(x, n, self.alpha * n / self.size, self.beta, self.k)
+        n = min(self.size, 2 * max(int(x.shape[2]), int(x.shape[3])) + 1)
+        p = (n - 1) // 2
+        avg = F.avg_pool2d(x * x, n, 1, p, ceil_mode=True, count_include_pad=True)
+        if n < self.size:
+            avg = avg * ((n / self.size) ** 2)
         return x * torch.pow(1.0 + self.alpha * avg, -self.beta)
 
 
