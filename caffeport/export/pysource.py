@@ -775,6 +775,124 @@ helper("CaffeRNN", '''
 ''', imports=("F",))
 
 
+helper("DetectionOutput", '''
+    class DetectionOutput(nn.Module):
+        """SSD's DetectionOutput (inference only, float32 as the fork's CPU code): boxes decoded
+        per code_type (1 CORNER, 2 CENTER_SIZE, 3 CORNER_SIZE; no clipping); per image and
+        non-background class ApplyNMSFast (score > confidence_threshold, stable descending sort,
+        top_k, keep while overlap <= threshold, eta adaptation); then the best keep_top_k over all
+        classes. Output (1, 1, K, 7) rows [image, label, score, xmin, ymin, xmax, ymax] by image,
+        label, descending score; no detection at all: one row of -1 per image (column 0 = image)."""
+
+        def __init__(self, num_classes, share_location, background, code_type, variance_encoded,
+                     keep_top_k, confidence_threshold, nms_threshold, eta, top_k):
+            super().__init__()
+            self.num_classes, self.share_location, self.background = num_classes, share_location, background
+            self.code_type, self.variance_encoded, self.keep_top_k = code_type, variance_encoded, keep_top_k
+            self.conf_threshold, self.nms_threshold, self.eta, self.top_k = (
+                confidence_threshold, nms_threshold, eta, top_k)
+
+        def _decode(self, loc, pr, var):
+            lx, ly, lw, lh = loc.unbind(-1)
+            pxmin, pymin, pxmax, pymax = pr.unbind(-1)
+            v0, v1, v2, v3 = var.unbind(-1)
+            if self.code_type == 1:
+                out = [pxmin + v0 * lx, pymin + v1 * ly, pxmax + v2 * lw, pymax + v3 * lh]
+            elif self.code_type == 2:
+                pw, ph = pxmax - pxmin, pymax - pymin
+                pcx, pcy = (pxmin + pxmax) / 2, (pymin + pymax) / 2
+                cx, cy = v0 * lx * pw + pcx, v1 * ly * ph + pcy
+                w, h = torch.exp(v2 * lw) * pw, torch.exp(v3 * lh) * ph
+                out = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+            else:
+                pw, ph = pxmax - pxmin, pymax - pymin
+                out = [pxmin + v0 * lx * pw, pymin + v1 * ly * ph, pxmax + v2 * lw * pw, pymax + v3 * lh * ph]
+            return torch.stack(out, dim=-1)
+
+        @staticmethod
+        def _sizes(b):
+            bad = (b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])
+            return torch.where(bad, torch.zeros_like(b[:, 0]), (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+
+        @staticmethod
+        def _iou(box, size, others, other_sizes):
+            disjoint = ((others[:, 0] > box[2]) | (others[:, 2] < box[0]) |
+                        (others[:, 1] > box[3]) | (others[:, 3] < box[1]))
+            iw = torch.minimum(box[2], others[:, 2]) - torch.maximum(box[0], others[:, 0])
+            ih = torch.minimum(box[3], others[:, 3]) - torch.maximum(box[1], others[:, 1])
+            inter = iw * ih
+            ok = ~disjoint & (iw > 0) & (ih > 0)
+            return torch.where(ok, inter / (size + other_sizes - inter), torch.zeros_like(inter))
+
+        def _nms(self, boxes, sizes, scores):
+            f32 = torch.float32
+            cand = torch.nonzero(scores > torch.tensor(self.conf_threshold, dtype=f32)).reshape(-1)
+            order = cand[torch.sort(scores[cand], descending=True, stable=True).indices]
+            if self.top_k > -1:
+                order = order[: self.top_k]
+            kept = []
+            thr = torch.tensor(self.nms_threshold, dtype=f32)
+            eta = torch.tensor(self.eta, dtype=f32)
+            for idx in order.tolist():
+                if kept:
+                    k = torch.tensor(kept)
+                    if not bool((self._iou(boxes[idx], sizes[idx], boxes[k], sizes[k]) <= thr).all()):
+                        continue
+                kept.append(idx)
+                if self.eta < 1 and thr > 0.5:
+                    thr = thr * eta
+            return kept
+
+        def forward(self, loc, conf, prior):
+            loc, conf, prior = loc.detach().float().cpu(), conf.detach().float().cpu(), prior.detach().float().cpu()
+            num = loc.shape[0]
+            flat = prior.reshape(-1)
+            npri = flat.numel() // 8
+            pboxes, pvars = flat[: npri * 4].reshape(npri, 4), flat[npri * 4: npri * 8].reshape(npri, 4)
+            if self.variance_encoded:
+                pvars = torch.ones_like(pvars)
+            n_loc = 1 if self.share_location else self.num_classes
+            locs = loc.reshape(num, npri, n_loc, 4)
+            confs = conf.reshape(num, npri, self.num_classes)
+            results, num_kept = [], 0
+            for i in range(num):
+                decoded = {}
+                for c in range(n_loc):
+                    label = -1 if self.share_location else c
+                    if label != self.background:
+                        b = self._decode(locs[i, :, c], pboxes, pvars)
+                        decoded[label] = (b, self._sizes(b))
+                indices, num_det = {}, 0
+                for c in range(self.num_classes):
+                    if c == self.background:
+                        continue
+                    boxes, sizes = decoded[-1 if self.share_location else c]
+                    indices[c] = self._nms(boxes, sizes, confs[i, :, c])
+                    num_det += len(indices[c])
+                if self.keep_top_k > -1 and num_det > self.keep_top_k:
+                    pairs = [(float(confs[i, j, c]), c, j) for c in sorted(indices) for j in indices[c]]
+                    best = sorted(range(len(pairs)), key=lambda t: -pairs[t][0])[: self.keep_top_k]
+                    indices = {}
+                    for t in best:
+                        indices.setdefault(pairs[t][1], []).append(pairs[t][2])
+                    num_kept += self.keep_top_k
+                else:
+                    num_kept += num_det
+                results.append((indices, decoded))
+            if num_kept == 0:
+                out = torch.full((num, 7), -1.0)
+                out[:, 0] = torch.arange(num, dtype=out.dtype)
+                return out.reshape(1, 1, num, 7)
+            rows = []
+            for i, (indices, decoded) in enumerate(results):
+                for c in sorted(indices):
+                    boxes = decoded[-1 if self.share_location else c][0]
+                    for j in indices[c]:
+                        rows.append(torch.cat([torch.tensor([float(i), float(c)]), confs[i, j, c:c + 1], boxes[j]]))
+            return torch.stack(rows).reshape(1, 1, -1, 7)
+''')
+
+
 # --------------------------------------------------------------------------------------------------
 # per-type source forms
 # --------------------------------------------------------------------------------------------------
@@ -815,7 +933,6 @@ SourceForm = Callable[[PyLayer], Form]
 SOURCE_FORMS: dict[str, SourceForm] = {}
 
 NO_SOURCE_FORM = {
-    "DetectionOutput": "SSD's decoding + per-class NMS is not a plain PyTorch layer",
     "Python": "a Python layer runs arbitrary code",
     "Accuracy": "an evaluation layer, not part of a deploy net",
 }
@@ -1251,6 +1368,14 @@ def _recurrent(L: PyLayer) -> Form:
         kw["expose_hidden"] = True
     cls = "CaffeLSTM" if lstm else "CaffeRNN"
     return Form(_call(cls, int(blobs[0].shape[1]), int(lay.hidden), **kw), state, helpers=(cls,))
+
+
+@source_form("DetectionOutput")
+def _detection_output(L: PyLayer) -> Form:
+    lay = L.layer
+    return Form(_call("DetectionOutput", lay.num_classes, lay.share_location, lay.background, lay.code_type,
+                      lay.variance_encoded, lay.keep_top_k, float(lay.conf_threshold), float(lay.nms_threshold),
+                      float(lay.eta), lay.top_k), helpers=("DetectionOutput",))
 
 
 SHAPE_ONLY = {"PriorBox"}

@@ -48,8 +48,8 @@ CORPUS_SAMPLE = [
     "4_real_caffemodels/mtcnn_kpzhang93/code/codes/MTCNNv2/model/det3.prototxt",
     "4_real_caffemodels/ultraface_linzaer/caffe/model/RFB-320/RFB-320.prototxt",
     "4_real_caffemodels/vanillacnn_ishay2b/ZOO/vanilla_deploy.prototxt",
-    # SSD face detector cut before DetectionOutput (no plain-PyTorch form): Normalize, Permute,
-    # PriorBox, Flatten, Concat on a real net
+    # SSD face detector: Normalize, Permute, PriorBox, Flatten, Concat, DetectionOutput (29 boxes
+    # survive NMS with these random weights)
     "4_real_caffemodels/libfacedetection_yufacedetectnet/models/caffe/yufacedetectnet-open-v1.prototxt",
     # Fast R-CNN (ZF) with 8 ROIs, some partly outside the map: ROIPooling
     "3_model_zoo/py_faster_rcnn/models/pascal_voc/ZF/fast_rcnn/test.prototxt",
@@ -84,9 +84,6 @@ def _corpus_net(rel: str) -> Net:
     msg = _small_message(path)
     if any(t == "rois" for lp in msg.layer if lp.type == "Input" for t in lp.top):
         set_input_shapes(msg, {"rois": (N_ROIS, 5)}, rel)
-    cut = [lp for lp in msg.layer if lp.type == "DetectionOutput"]
-    for lp in cut:
-        msg.layer.remove(lp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         net = Net(msg, root=path.parent)
@@ -308,11 +305,14 @@ def test_cli_writes_module_and_weights_for_a_train_val_net(tmp_path) -> None:
 
 
 def test_cli_names_layers_without_a_form(tmp_path) -> None:
-    rel = "4_real_caffemodels/libfacedetection_yufacedetectnet/models/caffe/yufacedetectnet-open-v1.prototxt"
-    r = CliRunner().invoke(main, ["export-torch", str(CORPUS / rel), "--python", "-o", str(tmp_path / "m.py")])
+    from caffeport.layers.base import allow_python_layers
+
+    with in_case("python_layer") as d, allow_python_layers():
+        r = CliRunner().invoke(main, ["export-torch", str(d / "net.prototxt"), "--python", "-o",
+                                      str(tmp_path / "m.py")])
     assert r.exit_code != 0
-    assert "'detection_out' (DetectionOutput)" in r.output and not (tmp_path / "m.py").exists()
-    with pytest.raises(CaffeportError):
+    assert "'affine' (Python)" in r.output and not (tmp_path / "m.py").exists()
+    with allow_python_layers(), pytest.raises(CaffeportError, match="no plain-PyTorch form"):
         export_python(_golden_net("python_layer"), tmp_path / "p.py")
 
 
