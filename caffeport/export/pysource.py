@@ -12,7 +12,8 @@ Scale/Bias axis broadcasting, Reshape's 0/-1 rule, Power/Exp/Log, ...
 Per-type knowledge lives in :data:`SOURCE_FORMS` (keyed by Caffe type, as the ONNX converters):
 a form gets a :class:`PyLayer` (the instantiated caffeport layer, its param, shapes) and returns a
 :class:`Form`: the constructor expression, the helper modules it needs and the attribute's
-``state_dict`` entries. Types with no form are reported by name (:data:`NO_SOURCE_FORM`).
+``state_dict`` entries. Types with no form (Python layers; data/loss layers, which the deploy
+derivation removes first) are reported by name (:data:`NO_SOURCE_FORM`).
 
 Where the generated code differs from caffeport: gradients are autograd's (Caffe's special
 backward rules - Power at 0, ELU's, MVN's eps, Eltwise MAX ties - are not reproduced); nn.BatchNorm

@@ -8,6 +8,8 @@
   ``torch.export`` program. Layers run their ``export_forward(*bottoms)`` when they define one (an
   export-friendly twin of ``forward``, e.g. without custom autograd Functions); every file is loaded
   back and compared with caffeport's forward before it is accepted.
+- Generated, readable PyTorch source that needs no caffeport (``export-torch --python``) lives in
+  :mod:`caffeport.export.pysource`.
 """
 
 from __future__ import annotations
