@@ -1609,6 +1609,11 @@ def check_generated(gen: GeneratedSource, net: Any, *, seed: int = 0, tol: float
     """Build the generated module, load its state_dict strictly, compare with caffeport's forward on
     ``feeds`` (default: random normal inputs); returns the max relative error (raises
     CaffeportError above ``tol``)."""
+    return _checked_model(gen, net, seed=seed, tol=tol, feeds=feeds)[0]
+
+
+def _checked_model(gen: GeneratedSource, net: Any, *, seed: int, tol: float,
+                   feeds: dict[str, Any] | None) -> tuple[float, torch.nn.Module]:
     from caffeport.export.onnx import rel_error
 
     mod = load_generated(gen.source)
@@ -1633,7 +1638,7 @@ def check_generated(gen: GeneratedSource, net: Any, *, seed: int = 0, tol: float
             raise CaffeportError(f"{net.source}: generated module output '{name}' differs from caffeport's "
                                  f"forward: max relative error {err:.3g} > {tol:g}")
         worst = max(worst, err)
-    return worst
+    return worst, model
 
 
 def export_python(net: Any, path: PathLike, *, tol: float = 1e-5,
@@ -1650,9 +1655,7 @@ def export_python(net: Any, path: PathLike, *, tol: float = 1e-5,
         raise CaffeportError(f"{py}: the file name must be an importable module name (e.g. mynet.py)")
     pt = py.with_suffix(".pt")
     gen = generate_source(net, weights_name=pt.name)
-    err = check_generated(gen, net, tol=tol, feeds=feeds)
-    model = load_generated(gen.source).Net()
-    model.load_state_dict(gen.state_dict, strict=True)
+    err, model = _checked_model(gen, net, seed=0, tol=tol, feeds=feeds)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(pt) as tmp:
         torch.save(sd, tmp)
