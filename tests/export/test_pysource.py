@@ -348,3 +348,25 @@ def test_recurrent_static_input_and_exposed_state(kind: str) -> None:
 
     assert check_generated(gen, net, feeds=feeds) <= 1e-6
     assert set(net.outputs) == {"y", *[f"{s}T" for s in states]}
+
+
+def test_names_become_identifiers_with_a_mapping() -> None:
+    """Caffe names that are not Python identifiers, keywords, nn.Module members or helper names."""
+    from caffeport.export.pysource import load_generated
+    from tests.export.helpers import net_from_text
+
+    net = net_from_text("""
+        layer { name: "in" type: "Input" top: "class" input_param { shape { dim: 2 dim: 3 } } }
+        layer { name: "1-fc/a" type: "InnerProduct" bottom: "class" top: "F" inner_product_param { num_output: 4 } }
+        layer { name: "train" type: "ReLU" bottom: "F" top: "F" }
+        layer { name: "Scale" type: "Scale" bottom: "F" top: "out/1" scale_param { bias_term: true } }""")
+    gen = generate_source(net)
+    mod = load_generated(gen.source)
+    assert mod.CAFFE_LAYERS == {"layer_1_fc_a": "1-fc/a", "train_": "train", "Scale": "Scale"}
+    m = mod.Net()
+    m.load_state_dict(gen.state_dict)
+    x = torch.randn(2, 3)
+    got = m.eval()(class_=x)["out/1"]
+    w, b = (t.detach() for t in net.layers[1].blobs)
+    s, sb = (t.detach() for t in net.layers[3].blobs)
+    torch.testing.assert_close(got, torch.relu(x @ w.T + b) * s + sb, rtol=1e-6, atol=1e-6)
