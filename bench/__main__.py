@@ -1,4 +1,5 @@
-"""Run every ``bench/bench_*.py`` module's ``main()`` in turn (``python -m bench [name-filter]``)."""
+"""Run every ``bench/bench_*.py`` module's ``main()`` in turn (``python -m bench [name-filter]``);
+``python -m bench side_by_side [flags]`` runs the engines comparison (``bench/side_by_side.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     here = Path(__file__).resolve().parent
+    if argv and argv[0] == "side_by_side":  # engines side by side, with its own flags (see its docstring)
+        from bench.side_by_side import main as side_by_side
+
+        return side_by_side(argv[1:])
     pattern = argv[0] if argv else ""
     failed = 0
     for path in sorted(here.glob("bench_*.py")):

@@ -1,0 +1,266 @@
+"""Side by side: caffeport exact, caffeport fast, onnxruntime (on caffeport's ONNX), OpenCV dnn.
+
+``python -m bench side_by_side [--nets caffenet,googlenet,resnet50,squeezenet,mobilenet]
+[--batches 1,16] [--rounds 5] [--iters 2] [--threads 2] [--compile] [--cold] [--profile]``
+
+Deploy nets from ../shared/corpus with fixed seeded weights (``randomize_weights``), the same thread
+count for every engine (torch.set_num_threads, ort intra_op_num_threads, cv2.setNumThreads), engines
+alternated round by round (the order rotates each round), medians of the rounds. Prints images/s,
+each engine's ratio to caffeport fast, each engine's max relative error vs caffeport exact
+(``max|y - exact| / max|exact|`` on the outputs), and the caffemodel load time as a ratio to
+protobuf's own ``ParseFromString`` of the same file. ``--cold``: per engine, a fresh subprocess from
+import to first output (seconds) and its peak RSS. ``--profile``: torch.profiler table of one
+ResNet-50 forward (exact and fast) and the achieved GFLOP/s against the CPU's fp32 peak.
+Timings are ratios measured in one run on a shared CPU: read them as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = (REPO / ".." / "shared" / "corpus").resolve()
+NETS = {
+    "caffenet": "2_bvlc_caffe/head/models/bvlc_reference_caffenet/deploy.prototxt",
+    "googlenet": "2_bvlc_caffe/head/models/bvlc_googlenet/deploy.prototxt",
+    "resnet50": "3_model_zoo/resnet_KaimingHe/prototxt/ResNet-50-deploy.prototxt",
+    "squeezenet": "3_model_zoo/squeezenet_forresti/SqueezeNet_v1.1/deploy.prototxt",
+    "mobilenet": "3_model_zoo/mobilenet_shicai/mobilenet_deploy.prototxt",
+}
+ENGINES = ["exact", "fast", "ort", "opencv"]
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    got = np.asarray(got, np.float64).reshape(want.shape)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+class Engines:
+    """The four engines on one net at one batch size, each a ``run(x) -> first output`` callable."""
+
+    def __init__(self, name: str, batch: int, threads: int, workdir: Path, compile: bool):
+        import cv2
+
+        from caffeport.export.common import load_deploy_net, randomize_weights
+        from caffeport.export.onnx import net_to_onnx
+        from caffeport.fast import build_fast
+
+        self.prototxt = CORPUS / NETS[name]
+        self.net = load_deploy_net(self.prototxt, None, batch=batch)
+        randomize_weights(self.net, 0)
+        self.input = self.net.inputs[0]
+        self.output = self.net.outputs[0]
+        self.caffemodel = workdir / f"{name}.caffemodel"
+        if not self.caffemodel.exists():
+            self.net.save(self.caffemodel)
+        t = time.perf_counter()
+        self.fast = build_fast(self.net, compile=compile)
+        self.fast_build_s = time.perf_counter() - t
+        self.fast_report = self.fast.report.summary()
+        import onnxruntime as ort
+
+        export = net_to_onnx(self.net)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.ort = ort.InferenceSession(export.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.ort_in = self.ort.get_inputs()[0].name
+        cv2.setNumThreads(threads)
+        self.cv = cv2.dnn.readNetFromCaffe(str(self.prototxt), str(self.caffemodel))
+        self.cv.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        self.cv.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        self.shape = tuple(self.net.blobs[self.input].shape)
+
+    def run(self, engine: str, x: np.ndarray) -> np.ndarray:
+        if engine == "exact":
+            with torch.no_grad():
+                return self.net.module(**{self.input: torch.from_numpy(x)})[self.output].numpy()
+        if engine == "fast":
+            return self.fast(**{self.input: x})[self.output].numpy()
+        if engine == "ort":
+            return self.ort.run([self.output], {self.ort_in: x})[0]
+        self.cv.setInput(x)
+        return self.cv.forward(self.output)
+
+
+def caffemodel_load_ratio(path: Path, repeat: int = 3) -> float:
+    """caffeport's ``load_caffemodel`` time / protobuf ``ParseFromString`` time (best of ``repeat``)."""
+    from caffeport.io import load_caffemodel
+    from caffeport.proto import caffe_pb2
+
+    data = path.read_bytes()
+
+    def best(fn: Any) -> float:
+        out = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            out = min(out, time.perf_counter() - t)
+        return out
+
+    ours = best(lambda: load_caffemodel(path))
+    theirs = best(lambda: caffe_pb2.NetParameter().ParseFromString(data))
+    return ours / theirs
+
+
+_COLD = r"""
+import sys, time, json
+t0 = time.perf_counter()
+engine, prototxt, caffemodel, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+shape = tuple(int(d) for d in sys.argv[5].split(","))
+import numpy as np
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+if engine == "opencv":
+    import cv2
+    cv2.setNumThreads(threads)
+    net = cv2.dnn.readNetFromCaffe(prototxt, caffemodel)
+    net.setInput(x)
+    net.forward()
+else:
+    import torch
+    torch.set_num_threads(threads)
+    from caffeport.export.common import load_deploy_net
+    n = load_deploy_net(prototxt, caffemodel, batch=shape[0])
+    if engine == "exact":
+        with torch.no_grad():
+            n.module(torch.from_numpy(x))
+    elif engine == "fast":
+        from caffeport.fast import build_fast
+        build_fast(n, compile=False)(torch.from_numpy(x))
+    else:
+        import onnxruntime as ort
+        from caffeport.export.onnx import net_to_onnx
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        s = ort.InferenceSession(net_to_onnx(n).model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        s.run(None, {s.get_inputs()[0].name: x})
+dt = time.perf_counter() - t0
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
+print(json.dumps({"cold_s": dt, "rss_mb": int(hwm.split()[1]) / 1024}))
+"""
+
+
+def cold_start(engine: str, prototxt: Path, caffemodel: Path, shape: tuple[int, ...], threads: int
+               ) -> dict[str, Any]:
+    """One fresh process: import to first output (s) and peak RSS (MB)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", _COLD, engine, str(prototxt), str(caffemodel), str(threads),
+                          ",".join(str(d) for d in shape)], capture_output=True, text=True, env=env, timeout=300)
+    if out.returncode != 0:
+        return {"cold_s": float("nan"), "rss_mb": float("nan"), "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_fp32_peak_gflops(cores: int) -> tuple[float, str]:
+    """cores x 2 FMA pipes x lanes x 2 flop x clock (from /proc/cpuinfo; AVX-512 or AVX2 lanes)."""
+    mhz, flags = 0.0, ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz") and not mhz:
+                mhz = float(line.split(":")[1])
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    # Zen 4 runs AVX-512 on two 256-bit FMA pipes: 16 fp32 FMA/cycle/core, as AVX2 with 2 pipes.
+    lanes = 8
+    peak = cores * 2 * lanes * 2 * mhz / 1e3
+    return peak, f"{cores} cores x 2 FMA pipes x {lanes} fp32 lanes x 2 flop x {mhz / 1e3:.2f} GHz"
+
+
+def profile_resnet50(threads: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from caffeport.export.common import load_deploy_net, randomize_weights
+    from caffeport.fast import build_fast
+
+    net = load_deploy_net(CORPUS / NETS["resnet50"], None, batch=16)
+    randomize_weights(net, 0)
+    x = torch.randn(16, 3, 224, 224)
+    fast = build_fast(net, compile=False)
+    gflop = 7.72 * 16  # ResNet-50 at 224: 3.86 GMAC per image
+    peak, how = cpu_fp32_peak_gflops(threads)
+    for label, fn in [("exact", lambda: net.module(data=x)), ("fast", lambda: fast(data=x))]:
+        with torch.no_grad():
+            fn()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t
+        print(f"\n-- ResNet-50 batch 16, {label} ({fast.precision if label == 'fast' else 'fp32'}): {dt:.2f} s, "
+              f"{gflop / dt:.0f} GFLOP/s = {gflop / dt / peak:.0%} of fp32 peak {peak:.0f} GFLOP/s ({how})")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench side_by_side")
+    ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=2, help="forwards per engine per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="fast mode with torch.compile (slow to build)")
+    ap.add_argument("--cold", action="store_true", help="cold start + peak RSS per engine (subprocesses)")
+    ap.add_argument("--profile", action="store_true", help="profile one ResNet-50 forward")
+    args = ap.parse_args(argv if argv is not None else [])
+    torch.set_num_threads(args.threads)
+    nets = [n for n in args.nets.split(",") if n]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in nets:
+            for batch in batches:
+                eng = Engines(name, batch, args.threads, work, args.compile)
+                x = np.random.default_rng(1).standard_normal(eng.shape).astype(np.float32)
+                exact = eng.run("exact", x)
+                errs = {e: _rel(eng.run(e, x), exact) for e in ENGINES}
+                times: dict[str, list[float]] = {e: [] for e in ENGINES}
+                for r in range(args.rounds):
+                    order = ENGINES[r % len(ENGINES):] + ENGINES[:r % len(ENGINES)]
+                    for e in order:
+                        t = time.perf_counter()
+                        for _ in range(args.iters):
+                            eng.run(e, x)
+                        times[e].append(batch * args.iters / (time.perf_counter() - t))
+                ips = {e: statistics.median(v) for e, v in times.items()}
+                row = {"net": name, "batch": batch, "ips": ips, "err": errs, "fast": eng.fast.precision
+                       + ("+compile" if eng.fast.compiled else ""), "fast_build_s": eng.fast_build_s,
+                       "passes": eng.fast_report}
+                if batch == batches[0]:
+                    row["load_ratio"] = caffemodel_load_ratio(eng.caffemodel)
+                if args.cold and batch == batches[0]:
+                    row["cold"] = {e: cold_start(e, eng.prototxt, eng.caffemodel, eng.shape, args.threads)
+                                   for e in ENGINES}
+                rows.append(row)
+                f = ips["fast"]
+                print(f"{name:10s} b{batch:<3d} img/s exact {ips['exact']:7.1f}  fast {f:7.1f} ({row['fast']})  "
+                      f"ort {ips['ort']:7.1f}  opencv {ips['opencv']:7.1f} | fast/exact {f / ips['exact']:.2f}x  "
+                      f"fast/ort {f / ips['ort']:.2f}x  fast/opencv {f / ips['opencv']:.2f}x | max rel err vs exact: "
+                      + "  ".join(f"{e} {errs[e]:.1e}" for e in ENGINES[1:]), flush=True)
+                if "load_ratio" in row:
+                    print(f"{'':10s} caffemodel load: {row['load_ratio']:.2f}x protobuf ParseFromString; "
+                          f"fast build {eng.fast_build_s:.1f} s ({eng.fast_report})", flush=True)
+                if "cold" in row:
+                    print(f"{'':10s} cold start / peak RSS: " + "  ".join(
+                        f"{e} {c['cold_s']:.1f} s {c['rss_mb']:.0f} MB" for e, c in row["cold"].items()), flush=True)
+                del eng
+    if args.profile:
+        profile_resnet50(args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
