@@ -856,9 +856,10 @@ class Net:
         self._table = {}
 
     def _reshape_input(self, name: str, shape: tuple[int, ...]) -> None:
-        if name not in self.module.input_names:
-            raise CaffeportError(f"{self.source}: only input blobs can be reshaped; '{name}' is not one "
-                                 f"(inputs: {', '.join(self.inputs)})")
+        """``net.blobs[name].reshape(...)``: any blob, as pycaffe's (a layer's next forward gives its tops
+        the shape it computes); the new memory is zeros."""
+        if name not in self._shapes:
+            raise CaffeportError(f"{self.source}: no blob named '{name}'{nearest(name, self.blobs)}")
         if tuple(self._value(name).shape) != shape:
             self._data[name] = torch.zeros(shape, device=self._device)
             self._owned.add(name)

@@ -494,3 +494,15 @@ def test_inplace_chain_on_input(tmp_path: Path) -> None:
     net.backward()
     np.testing.assert_allclose(net.blobs["data"].diff, 2 * (x > 0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(net.params["sc"][0].diff, (x * (x > 0)).sum((0, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_blob_reshape_any_blob(tmp_path: Path) -> None:
+    f = tmp_path / "live.prototxt"
+    f.write_text(IP_NET)
+    net = caffe.Net(str(f), caffe.TEST)
+    net.blobs["ip"].reshape(3, 4)  # pycaffe reshapes any blob; the layer's next forward reshapes it back
+    assert net.blobs["ip"].data.shape == (3, 4) and not net.blobs["ip"].data.any()
+    net.blobs["data"].reshape(5, 3)
+    net.reshape()
+    out = net.forward(data=np.ones((5, 3), np.float32))
+    assert out["out"].shape == (5, 2) and net.blobs["ip"].shape == (5, 4)
