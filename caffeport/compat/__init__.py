@@ -5,8 +5,16 @@ Covered: ``caffe.Net`` (both ``Net(model, weights, phase)`` and ``Net(model, pha
 ``caffe.TRAIN/TEST``, ``set_mode_cpu/gpu``, ``set_device``, ``set_random_seed``, ``caffe.io``,
 ``caffe.proto.caffe_pb2``, ``caffe.Classifier``, and the solvers (``get_solver``, ``SGDSolver``...).
 
-Differences from pycaffe worth knowing: blobs' ``data``/``diff`` are numpy views of torch tensors
-(on CPU); ``set_mode_gpu`` moves nets created afterwards to CUDA when it is available.
+As in pycaffe, blobs' ``data``/``diff`` are fixed memory: a numpy view taken once shows every later
+forward, backward and solver step (while the blob's shape is unchanged); ``forward``/``backward``
+run ``start``..``end`` layer ranges; the solvers' ``net``/``test_nets`` are ``caffe.Net``; exceptions
+raised in Python layers reach the caller as themselves.
+
+Differences from pycaffe worth knowing: on a CUDA device ``data``/``diff`` are copies (pycaffe syncs
+to host memory); ``set_mode_gpu`` moves nets created afterwards to CUDA when it is available;
+``backward()`` on a net with no loss at all and no ``force_backward`` still backpropagates the diffs
+set on its outputs (Caffe would run no backward there); in-place BNLL/Power/Log/Clip get the
+mathematically correct gradient (Caffe's reads the overwritten bottom).
 """
 
 from __future__ import annotations
