@@ -370,3 +370,29 @@ def test_names_become_identifiers_with_a_mapping() -> None:
     w, b = (t.detach() for t in net.layers[1].blobs)
     s, sb = (t.detach() for t in net.layers[3].blobs)
     torch.testing.assert_close(got, torch.relu(x @ w.T + b) * s + sb, rtol=1e-6, atol=1e-6)
+
+
+def test_fork_layers_against_caffeport() -> None:
+    """Fork layers the goldens and the corpus sample do not reach: PSPNet BN and Interp (crop +
+    zoom), SegNet Upsample through a MAX-pool mask, per-channel SSD Normalize, depthwise conv."""
+    from caffeport.export.pysource import check_generated
+    from tests.export.helpers import net_from_text
+
+    net = net_from_text("""
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 9 dim: 9 } } }
+        layer { name: "dw" type: "ConvolutionDepthwise" bottom: "data" top: "dw"
+                convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+        layer { name: "bn" type: "BN" bottom: "dw" top: "bn" }
+        layer { name: "pool" type: "Pooling" bottom: "bn" top: "pool" top: "mask"
+                pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+        layer { name: "up" type: "Upsample" bottom: "pool" bottom: "mask" top: "up"
+                upsample_param { upsample_h: 9 upsample_w: 9 } }
+        layer { name: "interp" type: "Interp" bottom: "up" top: "interp"
+                interp_param { zoom_factor: 3 pad_beg: -1 pad_end: -2 } }
+        layer { name: "norm" type: "Normalize" bottom: "interp" top: "norm"
+                norm_param { across_spatial: false channel_shared: false } }""")
+    gen = generate_source(net)
+    for helper in ("PSPBatchNorm(", "CaffePool2d(", "Upsample((9, 9))", "Interp(", "L2Normalize(False"):
+        assert helper in gen.source, helper
+    assert "nn.Conv2d(4, 4, kernel_size=3, padding=1, groups=4)" in gen.source
+    assert check_generated(gen, net, seed=3) <= 1e-6
