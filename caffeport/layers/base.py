@@ -194,7 +194,10 @@ class Layer(nn.Module):
         from caffeport.fillers import fill
 
         check_blob_elements(shape, f"{self.ctx.source}: layer '{self.name}' ({self.param.type}) blob {len(self.blobs)}")
-        data = fill(tuple(int(s) for s in shape), filler)
+        try:
+            data = fill(tuple(int(s) for s in shape), filler)
+        except CaffeportError as e:  # e.g. an unknown filler type: say which layer asked for it
+            raise self.error(str(e)) from None
         p = nn.Parameter(data, requires_grad=requires_grad)
         self.blobs.append(p)
         return p

@@ -279,9 +279,14 @@ def pool2d(
         ph <= kh // 2 and pw <= kw // 2 and H + 2 * ph >= kh and W + 2 * pw >= kw
         and _torch_pooled_size(H, kh, sh, ph, ceil) == oh and _torch_pooled_size(W, kw, sw, pw, ceil) == ow
     )
+    # A stride reaching past the padded image leaves every later window empty, whatever its size: the
+    # padded path strides by the smallest such value (stride: 2147483647 must not pad 2^31 rows).
+    tsh = max(kh, H + ph) if oh > 1 and sh > max(kh, H + ph) else sh
+    tsw = max(kw, W + pw) if ow > 1 and sw > max(kw, W + pw) else sw
+    tstride = (tsh, tsw)
     # Explicit padding that makes exactly oh x ow windows (negative = crop unused rows/cols).
-    rh = (oh - 1) * sh + kh - H - ph
-    rw = (ow - 1) * sw + kw - W - pw
+    rh = (oh - 1) * tsh + kh - H - ph
+    rw = (ow - 1) * tsw + kw - W - pw
     # Windows that start past the image (possible only without padding, ceil rounding, stride > kernel).
     empty_h = (oh - 1) * sh - ph >= H
     empty_w = (ow - 1) * sw - pw >= W
@@ -294,11 +299,11 @@ def pool2d(
             return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil), None
         xp = F.pad(x, (pw, rw, ph, rh), value=-math.inf)
         if want_mask:
-            y, idx = F.max_pool2d(xp, kernel, stride, return_indices=True)
+            y, idx = F.max_pool2d(xp, kernel, tstride, return_indices=True)
             Wp = W + pw + rw
             mask = (idx // Wp - ph) * W + (idx % Wp - pw)
         else:
-            y, mask = F.max_pool2d(xp, kernel, stride), None
+            y, mask = F.max_pool2d(xp, kernel, tstride), None
         if empty_h or empty_w:
             # Caffe leaves -FLT_MAX (and mask -1) in windows that hold no image pixel.
             ih = torch.arange(oh, device=x.device) * sh - ph >= H
@@ -313,7 +318,7 @@ def pool2d(
         if torch_ok:
             return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil, count_include_pad=True), None
         xp = F.pad(x, (pw, rw, ph, rh))
-        total = F.avg_pool2d(xp, kernel, stride, divisor_override=1)
+        total = F.avg_pool2d(xp, kernel, tstride, divisor_override=1)
         # Caffe's divisor: window clipped to the padded image (H + pad), not to the image.
         hs = torch.arange(oh, device=x.device) * sh - ph
         ws = torch.arange(ow, device=x.device) * sw - pw
@@ -326,11 +331,11 @@ def pool2d(
         xp = F.pad(x, (0, rw, 0, rh))
         if not train:
             # Caffe's GPU test-time rule: probability-weighted average sum(x^2) / sum(x).
-            s1 = F.avg_pool2d(xp, kernel, stride, divisor_override=1)
-            s2 = F.avg_pool2d(xp * xp, kernel, stride, divisor_override=1)
+            s1 = F.avg_pool2d(xp, kernel, tstride, divisor_override=1)
+            s2 = F.avg_pool2d(xp * xp, kernel, tstride, divisor_override=1)
             return s2 / (s1 + FLT_MIN), None
         N, C = x.shape[0], x.shape[1]
-        cols = F.unfold(xp.reshape(N * C, 1, xp.shape[-2], xp.shape[-1]), kernel, stride=stride)  # (NC, k, L)
+        cols = F.unfold(xp.reshape(N * C, 1, xp.shape[-2], xp.shape[-1]), kernel, stride=tstride)  # (NC, k, L)
         cum = cols.cumsum(dim=1)
         thres = torch.rand(cols.shape[0], 1, cols.shape[2], device=x.device, dtype=x.dtype) * cum[:, -1:, :]
         pick = (cum >= thres).to(torch.uint8).argmax(dim=1, keepdim=True)

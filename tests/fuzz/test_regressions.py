@@ -96,3 +96,48 @@ def test_hdf5_data_absurd_declared_size(tmp_path):
     net = _list_net(tmp_path, "HDF5Data", f'hdf5_data_param {{ source: "{tmp_path / "list.txt"}" batch_size: 2 }}')
     with pytest.raises(CaffeportError, match="d.h5"):
         caffeport.Net(net)
+
+
+def _caffe_pool(x: np.ndarray, method: str, k: int, s: int, p: int) -> np.ndarray:
+    """Caffe's PoolingLayer forward, loop by loop (pooling_layer.cpp), ceil rounding."""
+    N, C, H, W = x.shape
+
+    def out(n: int) -> int:
+        o = -(-(n + 2 * p - k) // s) + 1
+        return o - 1 if p and (o - 1) * s >= n + p else o
+
+    oh, ow = out(H), out(W)
+    y = np.zeros((N, C, oh, ow), np.float32)
+    for i in range(oh):
+        for j in range(ow):
+            hs, ws = i * s - p, j * s - p
+            he, we = min(hs + k, H + p), min(ws + k, W + p)
+            size = (he - hs) * (we - ws)
+            hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, H), min(we, W)
+            win = x[:, :, hs:he, ws:we]
+            if method == "MAX":
+                y[:, :, i, j] = win.max((2, 3)) if win.size else -np.finfo(np.float32).max
+            else:
+                y[:, :, i, j] = win.sum((2, 3)) / size
+    return y
+
+
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+@pytest.mark.parametrize("stride,pad", [(2147483647, 0), (2000000000, 1), (20, 0), (3, 1)])
+def test_pooling_huge_stride_no_huge_padding(method, stride, pad):
+    # stride 2^31-1 made the padded path pad 2^31 rows ("Storage size calculation overflowed")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 9)).astype(np.float32)
+    layer = make("Pooling", f"pooling_param {{ pool: {method} kernel_size: 2 stride: {stride} pad: {pad} }}",
+                 [x.shape])
+    np.testing.assert_allclose(layer(torch.from_numpy(x)).numpy(), _caffe_pool(x, method, 2, stride, pad), rtol=1e-6)
+
+
+def test_unknown_filler_names_the_layer(tmp_path):
+    p = tmp_path / "f.prototxt"
+    p.write_text("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 4 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 2 weight_filler { type: "top" } } }
+""")
+    with pytest.raises(CaffeportError, match=r"f\.prototxt: layer 'ip' .*unknown filler type 'top'"):
+        caffeport.Net(p)
