@@ -153,3 +153,17 @@ def test_test_nets_share_the_train_nets_memory(solver: caffe.SGDSolver) -> None:
     np.testing.assert_array_equal(solver.test_nets[0].params["conv"][0].data, np.float32(0.3))
     solver.step(2)  # updates are seen without a test pass (pycaffe's manual loops rely on it)
     np.testing.assert_array_equal(solver.test_nets[0].params["conv"][0].data, solver.net.params["conv"][0].data)
+
+
+def test_restore(solver: caffe.SGDSolver, tmp_path: Path) -> None:
+    solver.step(2)
+    solver.snapshot()
+    w = solver.net.params["ip"][0].data.copy()
+    net_f = simple_net_file(tmp_path, 13)
+    f = tmp_path / "again.prototxt"
+    f.write_text(SOLVER.format(net=net_f, max_iter=20))
+    again = caffe.SGDSolver(str(f))
+    again.restore("model_iter_2.solverstate")
+    assert again.iter == 2
+    np.testing.assert_array_equal(again.net.params["ip"][0].data, w)
+    np.testing.assert_array_equal(again.test_nets[0].params["ip"][0].data, w)  # still shared after restore
