@@ -142,7 +142,13 @@ class _ConvBase(Layer):
         if self.axis != 1:
             x = x.reshape(-1, *x.shape[self.axis:])
         bias = self.blobs[1] if self.bias_term else None
-        y = self.op(x, self.blobs[0], bias)
+        if 0 in tuple(x.shape[1:]):  # a 0 channel/spatial axis (not the batch, which may be symbolic):
+            shape = (x.shape[0], self.num_output, *self.out_spatial(tuple(int(d) for d in x.shape[2:])))
+            y = x.new_zeros(shape)  # torch returns the empty input; Caffe's GEMM sums nothing -> the bias
+            if bias is not None:
+                y = y + bias.reshape(1, -1, *([1] * (y.dim() - 2)))
+        else:
+            y = self.op(x, self.blobs[0], bias)
         if self.axis != 1:
             y = y.reshape(*lead, *y.shape[1:])
         return y
@@ -419,7 +425,7 @@ class Pooling(Layer):
 
     def forward(self, x: torch.Tensor):
         H, W = x.shape[-2], x.shape[-1]
-        if x.numel() == 0:  # a blob with a 0 dimension: Caffe's loops run zero times (torch refuses)
+        if 0 in tuple(x.shape[1:]):  # a 0 channel/spatial axis: Caffe's loops run zero times (torch refuses)
             shapes = self.top_shapes([tuple(int(d) for d in x.shape)])
             outs = tuple(x.new_zeros(s) for s in shapes)
             return outs if self.want_mask else outs[0]

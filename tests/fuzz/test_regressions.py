@@ -141,3 +141,18 @@ layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
 """)
     with pytest.raises(CaffeportError, match=r"f\.prototxt: layer 'ip' .*unknown filler type 'top'"):
         caffeport.Net(p)
+
+
+def test_convolution_over_zero_channels_gives_the_bias(tmp_path):
+    # torch's conv returned the (2, 0, 8, 8) input shape where Caffe's top is (2, 4, 8, 8) = bias
+    p = tmp_path / "c.prototxt"
+    p.write_text("""
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 0 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 bias_filler { type: "constant" value: 0.25 } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+  inner_product_param { num_output: 3 weight_filler { type: "constant" value: 1 } } }
+""")
+    out = caffeport.Net(p).forward()
+    np.testing.assert_allclose(out["ip"], np.full((2, 3), 0.25 * 4 * 4 * 4, np.float32))
