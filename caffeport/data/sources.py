@@ -101,6 +101,8 @@ def read_image(path: str | Path, height: int = 0, width: int = 0, is_color: bool
     when OpenCV cannot read the file."""
     import cv2
 
+    if not os.path.isfile(path):  # a FIFO or device would block cv2.imread forever; a directory fails anyway
+        return None
     img = cv2.imread(str(path), cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE)
     if img is None:
         return None

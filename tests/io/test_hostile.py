@@ -270,3 +270,25 @@ def test_layers_package_does_not_import_compat():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 
+
+
+@pytest.mark.parametrize("kind", ["ImageData", "HDF5Data"])
+def test_fifo_as_list_entry(tmp_path, kind):
+    name = "pipe.png" if kind == "ImageData" else "pipe.h5"
+    os.mkfifo(tmp_path / name)
+    (tmp_path / "list.txt").write_text(f"{name} 0\n" if kind == "ImageData" else f"{name}\n")
+    param = ("image_data_param" if kind == "ImageData" else "hdf5_data_param") + ' { source: "list.txt" batch_size: 1 }'
+    p = tmp_path / "net.prototxt"
+    p.write_text(f'layer {{ name: "data" type: "{kind}" top: "data" top: "label" {param} }}')
+    with pytest.raises(CaffeportError, match=name):
+        caffeport.Net(p).forward()
+
+
+def test_fifo_lmdb_data_file(tmp_path):
+    (tmp_path / "db").mkdir()
+    os.mkfifo(tmp_path / "db" / "data.mdb")
+    p = tmp_path / "net.prototxt"
+    p.write_text('layer { name: "data" type: "Data" top: "data"\n'
+                 '  data_param { source: "db" batch_size: 1 backend: LMDB } }')
+    with pytest.raises(CaffeportError, match="LMDB"):
+        caffeport.Net(p)
