@@ -152,7 +152,13 @@ def info_cmd(path: str) -> None:
     if B.is_hdf5(p):
         import h5py
 
-        with h5py.File(p, "r") as f:
+        from caffeport.io.hdf5 import H5_ERRORS
+
+        try:
+            f = h5py.File(p, "r")
+        except H5_ERRORS as e:
+            raise CaffeportError(f"{path}: cannot read as HDF5 (truncated or corrupt?): {e}") from None
+        with f:
             if "data" in f and isinstance(f["data"], h5py.Group):
                 kind = "caffemodel"
             elif "history" in f and "iter" in f:
@@ -171,7 +177,9 @@ def info_cmd(path: str) -> None:
             st = read_solverstate(p)
             _info_solverstate(path, st, "HDF5")
         return
-    data = p.read_bytes()
+    from caffeport.io.safe import read_bounded
+
+    data = read_bounded(p, "Caffe")  # FIFOs/devices refused (they would block or never end), size bounded
     if not is_binary(data):
         text = data.decode("utf-8", errors="replace")
         kind = sniff_text_kind(text)

@@ -292,3 +292,10 @@ def test_fifo_lmdb_data_file(tmp_path):
                  '  data_param { source: "db" batch_size: 1 backend: LMDB } }')
     with pytest.raises(CaffeportError, match="LMDB"):
         caffeport.Net(p)
+
+
+def test_cli_info_on_fifo_and_device(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    for path, word in ((tmp_path / "pipe", "FIFO"), (Path("/dev/zero"), "device")):
+        r = CliRunner().invoke(cli, ["info", str(path)])
+        assert r.exit_code == 1 and word in r.output and str(path) in r.output, r.output
