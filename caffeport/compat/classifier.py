@@ -11,6 +11,23 @@ from caffeport.compat import io as cio
 from caffeport.layers.base import TEST
 
 
+def input_transformer(net: Net, mean: Any = None, input_scale: Any = None, raw_scale: Any = None,
+                      channel_swap: Any = None) -> cio.Transformer:
+    """The Transformer pycaffe's Classifier and Detector set up for the net's first input: H×W×C
+    images transposed to C×H×W, then the optional mean, input scale, raw scale and channel swap."""
+    in_ = net.inputs[0]
+    t = cio.Transformer({in_: net.blobs[in_].shape})
+    t.set_transpose(in_, (2, 0, 1))
+    if mean is not None:
+        t.set_mean(in_, mean)
+    if input_scale is not None:
+        t.set_input_scale(in_, input_scale)
+    if raw_scale is not None:
+        t.set_raw_scale(in_, raw_scale)
+    if channel_swap is not None:
+        t.set_channel_swap(in_, channel_swap)
+    return t
+
 class Classifier(Net):
     """``Classifier(model, pretrained, image_dims=None, mean=None, input_scale=None, raw_scale=None,
     channel_swap=None)``, a ``caffe.Net`` (TEST phase) as in pycaffe; ``predict(images,
@@ -21,16 +38,7 @@ class Classifier(Net):
                  input_scale: Any = None, raw_scale: Any = None, channel_swap: Any = None):
         Net.__init__(self, model_file, pretrained_file, TEST)
         in_ = self.inputs[0]
-        self.transformer = cio.Transformer({in_: self.blobs[in_].shape})
-        self.transformer.set_transpose(in_, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(in_, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(in_, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(in_, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(in_, channel_swap)
+        self.transformer = input_transformer(self, mean, input_scale, raw_scale, channel_swap)
         self.crop_dims = np.array(self.blobs[in_].shape[2:])
         self.image_dims = np.array(image_dims) if image_dims is not None else self.crop_dims
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from caffeport.compat import Net as _CompatNet
 from caffeport.compat import io as cio
+from caffeport.compat.classifier import input_transformer
 from caffeport.errors import CaffeportError
 from caffeport.layers.base import TEST
 
@@ -40,17 +41,7 @@ class Detector(_CompatNet):
     def __init__(self, model_file: Any, pretrained_file: Any, mean: Any = None, input_scale: Any = None,
                  raw_scale: Any = None, channel_swap: Any = None, context_pad: Any = None) -> None:
         super().__init__(model_file, TEST, weights=pretrained_file)
-        in_ = self.inputs[0]
-        self.transformer = cio.Transformer({in_: self.blobs[in_].data.shape})
-        self.transformer.set_transpose(in_, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(in_, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(in_, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(in_, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(in_, channel_swap)
+        self.transformer = input_transformer(self, mean, input_scale, raw_scale, channel_swap)
         self.configure_crop(context_pad)
 
     def detect_windows(self, images_windows: Any) -> list[dict[str, Any]]:

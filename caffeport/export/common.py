@@ -128,3 +128,15 @@ def randomize_weights(net: Any, seed: int = 0) -> None:
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if layer.param.type in
                             ("Scale", "PReLU", "Normalize") else 0.0))
+
+
+def layers_without_form(net: Any, forms: Mapping[str, Any]) -> list[str]:
+    """'name (Type)' for every non-Input layer of ``net`` whose type is not in ``forms`` (data and
+    loss layers have no deploy-time form in any exporter)."""
+    bad = []
+    for layer in net.layers:
+        if layer.is_input:
+            continue
+        if layer.is_data or layer.is_loss or layer.param.type not in forms:
+            bad.append(f"'{layer.name}' ({layer.param.type})")
+    return bad

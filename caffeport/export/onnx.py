@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from caffeport.errors import CaffeportError
+from caffeport.export.common import layers_without_form
 from caffeport.proto import caffe_pb2
 
 
@@ -973,15 +974,8 @@ NO_FORM_REASONS = {
 
 
 def unsupported_layers(net: Any) -> list[str]:
-    """'name (Type)' for every layer of ``net`` that has no ONNX form."""
-    bad = []
-    for layer in net.layers:
-        t = layer.param.type
-        if layer.is_input:
-            continue
-        if layer.is_data or layer.is_loss or t not in CONVERTERS:
-            bad.append(f"'{layer.name}' ({t})")
-    return bad
+    """'name (Type)' for every layer of ``net`` with has no ONNX form."""
+    return layers_without_form(net, CONVERTERS)
 
 
 def unsupported_types(net: Any) -> set[str]:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from caffeport.errors import CaffeportError
+from caffeport.export.common import layers_without_form
 from caffeport.proto import caffe_pb2
 
 PathLike = str | os.PathLike
@@ -1427,14 +1428,7 @@ class _Names:
 
 def unsupported_layers(net: Any) -> list[str]:
     """'name (Type)' for every layer of ``net`` with no source form."""
-    bad = []
-    for layer in net.layers:
-        t = layer.param.type
-        if layer.is_input:
-            continue
-        if layer.is_data or layer.is_loss or t not in SOURCE_FORMS:
-            bad.append(f"'{layer.name}' ({t})")
-    return bad
+    return layers_without_form(net, SOURCE_FORMS)
 
 
 @dataclass
