@@ -217,8 +217,6 @@ def deploy_net(net: caffe_pb2.NetParameter, *, input_shapes: Mapping[str, Sequen
             inp.CopyFrom(lp)
             given = {t: shapes_given.pop(t) for t in lp.top if t in shapes_given}
             if given:
-                from caffeport.export.common import set_input_shapes
-
                 holder = caffe_pb2.NetParameter()
                 holder.layer.add().CopyFrom(inp)
                 set_input_shapes(holder, given, source)
@@ -405,3 +403,24 @@ def truncate(net: caffe_pb2.NetParameter, blob: str, weights: Mapping[str, Seque
         names = {layers[i].name for i in keep}
         new_weights = {k: [np.asarray(a) for a in v] for k, v in weights.items() if k in names}
     return out, new_weights
+
+
+def set_input_shapes(net: caffe_pb2.NetParameter, shapes: Mapping[str, Sequence[int]], source: str) -> None:
+    """Overwrite the shapes of Input layer tops named in ``shapes`` (in place)."""
+    left = dict(shapes)
+    for lp in net.layer:
+        if lp.type != "Input":
+            continue
+        ip = lp.input_param
+        for j, top in enumerate(lp.top):
+            if top not in left:
+                continue
+            while len(ip.shape) <= j:
+                ip.shape.add().CopyFrom(ip.shape[0] if len(ip.shape) else caffe_pb2.BlobShape())
+            del ip.shape[j].dim[:]
+            ip.shape[j].dim.extend(int(d) for d in left.pop(top))
+    if left:
+        inputs = [t for lp in net.layer if lp.type == "Input" for t in lp.top]
+        verb = "is" if len(left) == 1 else "are"
+        raise CaffeportError(f"{source}: --input-shape names {', '.join(map(repr, left))}, which {verb} "
+                             f"not net inputs (inputs: {', '.join(inputs) or 'none'})")

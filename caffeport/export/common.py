@@ -12,6 +12,7 @@ import torch
 
 from caffeport.errors import CaffeportError
 from caffeport.proto import caffe_pb2
+from caffeport.surgery import set_input_shapes  # noqa: F401  (re-exported: export code and tests use it here)
 
 PathLike = str | os.PathLike
 
@@ -30,27 +31,6 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
                                  "(e.g. data:1,3,227,227)")
         out[name] = shape
     return out
-
-
-def set_input_shapes(net: caffe_pb2.NetParameter, shapes: Mapping[str, Sequence[int]], source: str) -> None:
-    """Overwrite the shapes of Input layer tops named in ``shapes`` (in place)."""
-    left = dict(shapes)
-    for lp in net.layer:
-        if lp.type != "Input":
-            continue
-        ip = lp.input_param
-        for j, top in enumerate(lp.top):
-            if top not in left:
-                continue
-            while len(ip.shape) <= j:
-                ip.shape.add().CopyFrom(ip.shape[0] if len(ip.shape) else caffe_pb2.BlobShape())
-            del ip.shape[j].dim[:]
-            ip.shape[j].dim.extend(int(d) for d in left.pop(top))
-    if left:
-        inputs = [t for lp in net.layer if lp.type == "Input" for t in lp.top]
-        verb = "is" if len(left) == 1 else "are"
-        raise CaffeportError(f"{source}: --input-shape names {', '.join(map(repr, left))}, which {verb} "
-                             f"not net inputs (inputs: {', '.join(inputs) or 'none'})")
 
 
 def is_deploy(net: caffe_pb2.NetParameter) -> bool:
