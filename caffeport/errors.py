@@ -15,6 +15,10 @@ class CaffeportError(Exception):
     """A user-facing error: the message alone must say what is wrong and where."""
 
 
+class CaffeportWarning(UserWarning):
+    """Something caffeport tolerated that BVLC Caffe would have rejected or treated differently."""
+
+
 def nearest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """`` (did you mean 'A', 'B'?)`` for the closest valid names, or an empty string."""
     close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

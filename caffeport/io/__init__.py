@@ -10,14 +10,12 @@ from __future__ import annotations
 from caffeport.io.blobs import (
     array_to_blobproto,
     blobproto_to_array,
-    load_caffemodel,
-    load_caffemodel_net,
     read_blobproto,
     read_blobproto_vector,
-    save_caffemodel,
     write_blobproto,
     write_blobproto_vector,
 )
+from caffeport.io.caffemodel import load_caffemodel, load_caffemodel_net, save_caffemodel
 from caffeport.io.prototxt import CaffeportWarning, read_net, read_solver, write_net, write_solver
 from caffeport.io.solverstate import SolverStateData, read_solverstate, write_solverstate
 from caffeport.io.upgrade import upgrade_net, upgrade_solver

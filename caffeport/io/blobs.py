@@ -29,9 +29,6 @@ from caffeport.io.safe import max_blob_elements, read_bounded
 from caffeport.proto import caffe_pb2
 
 __all__ = [
-    "load_caffemodel",
-    "load_caffemodel_net",
-    "save_caffemodel",
     "read_blobproto",
     "write_blobproto",
     "read_blobproto_vector",
@@ -364,57 +361,7 @@ def encode_net_with_blobs(net: caffe_pb2.NetParameter, blobs: Sequence[Sequence[
     return chunks
 
 
-# --------------------------------------------------------------------------------------------------
-# public API: caffemodels
-# --------------------------------------------------------------------------------------------------
-def load_caffemodel(path: PathLike) -> OrderedDict[str, list[np.ndarray]]:
-    """``{layer name: [float32 arrays]}`` from a ``.caffemodel`` (binary) or ``.caffemodel.h5``.
-
-    The format is picked from the file content. Only layers holding blobs appear. Shapes are
-    Caffe's: N-D ``shape`` or the legacy 4-D (num, channels, height, width).
-    """
-    if is_hdf5(path):
-        from caffeport.io.hdf5 import read_caffemodel_h5
-
-        return read_caffemodel_h5(path)
-    data = _read_file(path, "caffemodel")
-    if not data:
-        raise CaffeportError(f"{path}: empty file, not a caffemodel")
-    from caffeport.io.prototxt import is_binary
-
-    if not is_binary(data):
-        raise CaffeportError(f"{path}: looks like a text prototxt, not a binary caffemodel")
-    return scan_net_blobs(data, str(path))
-
-
-def load_caffemodel_net(path: PathLike) -> caffe_pb2.NetParameter:
-    """The whole caffemodel as an upgraded NetParameter (binary via protobuf, or HDF5 -> blobs only)."""
-    from caffeport.io.prototxt import read_net
-
-    return read_net(path)
-
-
-def save_caffemodel(weights: caffe_pb2.NetParameter | Mapping[str, Sequence[np.ndarray]], path: PathLike) -> None:
-    """Write weights as a caffemodel: HDF5 when ``path`` ends in ``.h5``, binary NetParameter otherwise.
-
-    ``weights`` is a NetParameter (written as is) or ``{layer name: [arrays]}`` (written as
-    ``layer { name blobs { shape data } }`` entries, which Caffe's ``CopyTrainedLayersFrom`` reads
-    by name). Written atomically.
-    """
-    if str(path).lower().endswith((".h5", ".hdf5")):
-        from caffeport.io.hdf5 import write_caffemodel_h5
-
-        if isinstance(weights, caffe_pb2.NetParameter):
-            weights = _net_blobs_from_message(weights)
-        write_caffemodel_h5(weights, path)
-        return
-    if isinstance(weights, caffe_pb2.NetParameter):
-        atomic_write(path, weights.SerializeToString())
-    else:
-        atomic_write(path, encode_net_blobs(weights))
-
-
-def _net_blobs_from_message(net: caffe_pb2.NetParameter) -> OrderedDict[str, list[np.ndarray]]:
+def net_blobs_from_message(net: caffe_pb2.NetParameter) -> OrderedDict[str, list[np.ndarray]]:
     out: OrderedDict[str, list[np.ndarray]] = OrderedDict()
     for lp in net.layer:
         if len(lp.blobs):

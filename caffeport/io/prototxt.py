@@ -25,7 +25,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 
-from caffeport.errors import CaffeportError, nearest
+from caffeport.errors import CaffeportError, CaffeportWarning, nearest
+from caffeport.io.atomic import atomic_write
 from caffeport.io.safe import max_file_bytes, max_prototxt_bytes, read_bounded, regular_file
 from caffeport.proto import caffe_pb2
 
@@ -49,10 +50,6 @@ PathLike = str | os.PathLike
 TEXT_SUFFIXES = (".prototxt", ".pt", ".txt", ".pbtxt")
 
 _POOL = caffe_pb2.DESCRIPTOR.pool
-
-
-class CaffeportWarning(UserWarning):
-    """Something caffeport tolerated that BVLC Caffe would have rejected or treated differently."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,8 +325,6 @@ def read_net(path: PathLike) -> caffe_pb2.NetParameter:
 
 
 def _atomic_write(path: PathLike, data: bytes) -> None:
-    from caffeport.io.blobs import atomic_write
-
     atomic_write(path, data)
 
 

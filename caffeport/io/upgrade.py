@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 
-from caffeport.errors import CaffeportError, nearest
+from caffeport.errors import CaffeportError, CaffeportWarning, nearest
 from caffeport.proto import caffe_pb2
 
 __all__ = [
@@ -118,8 +118,6 @@ _SOLVER_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDel
 
 
 def _warn(msg: str) -> None:
-    from caffeport.io.prototxt import CaffeportWarning
-
     warnings.warn(msg, CaffeportWarning, stacklevel=3)
 
 

@@ -36,7 +36,7 @@ from caffeport.data.sources import (
     resolve_data_path,
 )
 from caffeport.data.transformer import DataTransformer
-from caffeport.errors import CaffeportError
+from caffeport.errors import CaffeportError, CaffeportWarning
 from caffeport.fillers import fill
 from caffeport.layers.base import Layer, Shape, blob_shape, register
 from caffeport.proto import caffe_pb2
@@ -368,7 +368,6 @@ class WindowData(_Prefetched):
     def setup(self, bottom_shapes: list[Shape]) -> None:
         from caffeport.data.transformer import read_mean_file
         from caffeport.data.window import WindowBatches, read_window_file
-        from caffeport.io.prototxt import CaffeportWarning
 
         wp = self.param.window_data_param
         tp = self.param.transform_param

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from caffeport.errors import CaffeportError
-from caffeport.io.blobs import save_caffemodel
+from caffeport.io import save_caffemodel
 from caffeport.layers.base import registry
 from caffeport.layers.python import python_equivalent
 from tests.corpus.common import (

@@ -18,7 +18,7 @@ from caffeport.cli import main
 from caffeport.data.sources import DatumBatches, HDF5Batches, RecordStride
 from caffeport.data.transformer import DataTransformer
 from caffeport.errors import CaffeportError
-from caffeport.io.blobs import load_caffemodel
+from caffeport.io import load_caffemodel
 from caffeport.proto import caffe_pb2
 from caffeport.solver import get_solver
 from caffeport.solver.parallel import ENV_DEVICE, plan_devices
