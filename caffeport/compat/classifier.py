@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from caffeport.compat import Net
 from caffeport.compat import io as cio
+from caffeport.compat._net import Net
 from caffeport.layers.base import TEST
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from caffeport.compat import Net as _CompatNet
 from caffeport.compat import io as cio
+from caffeport.compat._net import Net as _CompatNet
 from caffeport.compat.classifier import input_transformer
 from caffeport.errors import CaffeportError
 from caffeport.layers.base import TEST

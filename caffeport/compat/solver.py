@@ -22,7 +22,7 @@ class _PycaffeSolver:
 
     @staticmethod
     def _compat(net: Any) -> Any:
-        from caffeport.compat import Net as CompatNet
+        from caffeport.compat._net import Net as CompatNet
 
         # A compat Net adds only views and checks to caffeport's Net (no state of its own in __init__).
         net.__class__ = CompatNet
@@ -37,14 +37,14 @@ class _PycaffeSolver:
     def _share_test_weights(self) -> None:
         """Caffe's ``ShareTrainedLayersWith`` on the raw layers (the compat views' numpy blobs would
         copy values rather than share memory): test nets see every update, as in pycaffe."""
-        from caffeport.compat import Net as CompatNet
+        from caffeport.compat._net import Net as CompatNet
 
         for tn in self.test_nets:  # type: ignore[attr-defined]
             CompatNet.share_with(tn, self.net)  # type: ignore[attr-defined]
 
     def share_weights(self, net: Any) -> None:
         """pycaffe's ``solver.share_weights(net)``: ``net`` uses the train net's blobs (same memory)."""
-        from caffeport.compat import Net as CompatNet
+        from caffeport.compat._net import Net as CompatNet
 
         CompatNet.share_with(net, self.net)  # type: ignore[attr-defined]
 
