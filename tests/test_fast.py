@@ -127,3 +127,54 @@ def test_cli_test_and_time_fast(monkeypatch):
         timed = runner.invoke(main, ["time", "--model", "net.prototxt", "--fast", "--iterations", "2"])
     assert timed.exit_code == 0, timed.output
     assert "Average Forward pass" in timed.output and "Fast mode:" in timed.output
+
+
+def _cast_shapes(fn) -> list[tuple[int, ...]]:
+    """The shapes of the tensors cast (``aten::_to_copy``: autocast's casts) while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [tuple(e.input_shapes[0]) for e in prof.events()
+            if e.name == "aten::_to_copy" and e.input_shapes and e.input_shapes[0]]
+
+
+def test_bf16_weights_stored_once_outputs_stay_fp32():
+    # CaffeNet topology: convs, LRN, fc, SoftmaxWithLoss. Weight matrices/kernels are bf16 from the
+    # build on; biases stay fp32; the loss comes back as fp32 and still matches Caffe's.
+    name = "net_caffenet_mini"
+    fast = build_fast(_golden_net(name), compile=False, precision="bf16")
+    assert fast.weights_dtype == "bf16" and 0 < fast.max_rel_error <= BF16_TOLERANCE
+    params = dict(fast.inner.named_parameters())
+    assert {str(p.dtype) for p in params.values() if p.dim() >= 2} == {"torch.bfloat16"}
+    assert {str(p.dtype) for p in params.values() if p.dim() == 1} == {"torch.float32"}
+    weight_shapes = {tuple(p.shape) for p in params.values() if p.dim() >= 2}
+    inputs = npz(name, "inputs.npz")
+    casts = _cast_shapes(lambda: fast(**inputs))
+    assert casts, "the profiler saw no cast at all (it would not see weight casts either)"
+    assert not weight_shapes & set(casts), "a weight was re-cast during the call"
+    out = fast(**inputs)
+    assert out["loss"].dtype == torch.float32
+    assert _rel(out["loss"].numpy(), npz(name, "forward.npz")["loss"]) < BF16_TOLERANCE
+
+
+def test_bf16_weights_fall_back_to_fp32_storage_with_one_notice(monkeypatch):
+    import caffeport.fast as fast_mod
+
+    real_check = fast_mod._check
+
+    def bf16_params_break(fast, *args):  # as a layer whose forward cannot take bf16 parameters
+        if fast.weights_dtype == "bf16":
+            raise RuntimeError("expected scalar type Float but found BFloat16")
+        return real_check(fast, *args)
+
+    monkeypatch.setattr(fast_mod, "_check", bf16_params_break)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = build_fast(_golden_net("net_caffenet_mini"), compile=False, precision="bf16")
+    notices = [str(w.message) for w in caught if issubclass(w.category, FastModeNotice)]
+    assert len(notices) == 1 and "found BFloat16" in notices[0] and "fp32 weights" in notices[0]
+    assert fast.weights_dtype == "fp32" and fast.precision == "bf16"
+    assert {p.dtype for p in fast.inner.parameters()} == {torch.float32}
+    out = fast(**npz("net_caffenet_mini", "inputs.npz"))["loss"].numpy()
+    assert _rel(out, npz("net_caffenet_mini", "forward.npz")["loss"]) < BF16_TOLERANCE
