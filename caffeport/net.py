@@ -427,6 +427,14 @@ class Net:
 
             attach(self)
 
+    def rebuilt(self, param: caffe_pb2.NetParameter,
+                weights: PathLike | Mapping[str, Sequence[np.ndarray]] | None = None) -> Net:
+        """A plain TEST-phase ``Net`` of ``param`` that resolves relative paths as this net does and
+        names this net's file in its errors (the graph passes build their result with it)."""
+        new = Net(param, weights, phase=TEST, root=self.ctx.root)
+        new.source = self.source
+        return new
+
     # --- pycaffe's read-only views -----------------------------------------------------------------
     @property
     def inputs(self) -> list[str]:
