@@ -34,8 +34,11 @@ FUZZ_SEED ?= 1
 fuzz: $(STAMP)
 	$(PY) -m tests.fuzz.fuzz_runner --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) --json fuzz_failures.json
 
+# Quick engines side by side (5 nets, batch 1 and 16, 3 rounds) + every bench/bench_*.py;
+# `make bench BENCH_ARGS=--full` for the full side by side (cold start, RSS, ResNet-50 profile).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,7 +1,10 @@
 """Side by side: caffeport exact, caffeport fast, onnxruntime (on caffeport's ONNX), OpenCV dnn.
 
 ``python -m bench side_by_side [--nets caffenet,googlenet,resnet50,squeezenet,mobilenet]
-[--batches 1,16] [--rounds 5] [--iters 2] [--threads 2] [--compile] [--cold] [--profile]``
+[--batches 1,16] [--rounds 5] [--iters 2] [--threads 2] [--no-compile] [--cold] [--profile] [--quick]``
+
+``--quick`` (what ``make bench`` runs): 3 rounds of 1 forward per engine. Fast mode compiles as it
+does for users (unless ``CAFFEPORT_NO_COMPILE=1`` or ``--no-compile``).
 
 Deploy nets from ../shared/corpus with fixed seeded weights (``randomize_weights``), the same thread
 count for every engine (torch.set_num_threads, ort intra_op_num_threads, cv2.setNumThreads), engines
@@ -10,7 +13,8 @@ each engine's ratio to caffeport fast, each engine's max relative error vs caffe
 (``max|y - exact| / max|exact|`` on the outputs), and the caffemodel load time as a ratio to
 protobuf's own ``ParseFromString`` of the same file. ``--cold``: per engine, a fresh subprocess from
 import to first output (seconds) and its peak RSS. ``--profile``: torch.profiler table of one
-ResNet-50 forward (exact and fast) and the achieved GFLOP/s against the CPU's fp32 peak.
+ResNet-50 forward (exact and fast) and the achieved GFLOP/s against the CPU's fp32 peak and, for a
+bf16 fast build, its bf16 peak (2x fp32 with AVX512-BF16's ``vdpbf16ps``).
 Timings are ratios measured in one run on a shared CPU: read them as such.
 """
 
@@ -40,6 +44,7 @@ NETS = {
     "mobilenet": "3_model_zoo/mobilenet_shicai/mobilenet_deploy.prototxt",
 }
 ENGINES = ["exact", "fast", "ort", "opencv"]
+GOALS = {16: (1.2, 1.5), 1: (1.0, 1.0)}  # issue 12: fast / onnxruntime, fast / OpenCV dnn
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -50,7 +55,7 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
 class Engines:
     """The four engines on one net at one batch size, each a ``run(x) -> first output`` callable."""
 
-    def __init__(self, name: str, batch: int, threads: int, workdir: Path, compile: bool):
+    def __init__(self, name: str, batch: int, threads: int, workdir: Path, compile: bool | None):
         import cv2
 
         from caffeport.export.common import load_deploy_net, randomize_weights
@@ -180,7 +185,7 @@ def cpu_fp32_peak_gflops(cores: int) -> tuple[float, str]:
     return peak, f"{cores} cores x 2 FMA pipes x {lanes} fp32 lanes x 2 flop x {mhz / 1e3:.2f} GHz"
 
 
-def profile_resnet50(threads: int) -> None:
+def profile_resnet50(threads: int, compile: bool | None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from caffeport.export.common import load_deploy_net, randomize_weights
@@ -189,18 +194,21 @@ def profile_resnet50(threads: int) -> None:
     net = load_deploy_net(CORPUS / NETS["resnet50"], None, batch=16)
     randomize_weights(net, 0)
     x = torch.randn(16, 3, 224, 224)
-    fast = build_fast(net, compile=False)
+    fast = build_fast(net, compile=compile)
     gflop = 7.72 * 16  # ResNet-50 at 224: 3.86 GMAC per image
     peak, how = cpu_fp32_peak_gflops(threads)
     for label, fn in [("exact", lambda: net.module(data=x)), ("fast", lambda: fast(data=x))]:
         with torch.no_grad():
             fn()
+            fn()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 t = time.perf_counter()
                 fn()
                 dt = time.perf_counter() - t
-        print(f"\n-- ResNet-50 batch 16, {label} ({fast.precision if label == 'fast' else 'fp32'}): {dt:.2f} s, "
-              f"{gflop / dt:.0f} GFLOP/s = {gflop / dt / peak:.0%} of fp32 peak {peak:.0f} GFLOP/s ({how})")
+        kind = "fp32" if label == "exact" else fast.precision + ("+compile" if fast.compiled else "")
+        bf16 = f", {gflop / dt / (2 * peak):.0%} of bf16 peak {2 * peak:.0f}" if "bf16" in kind else ""
+        print(f"\n-- ResNet-50 batch 16, {label} ({kind}): {dt:.2f} s, {gflop / dt:.0f} GFLOP/s = "
+              f"{gflop / dt / peak:.0%} of fp32 peak {peak:.0f} GFLOP/s ({how}){bf16}")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40))
 
 
@@ -211,10 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=2, help="forwards per engine per round")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="fast mode with torch.compile (slow to build)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="fast mode with/without torch.compile (default: as for users, compiled unless "
+                         "CAFFEPORT_NO_COMPILE=1)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds x 1 forward (make bench)")
     ap.add_argument("--cold", action="store_true", help="cold start + peak RSS per engine (subprocesses)")
     ap.add_argument("--profile", action="store_true", help="profile one ResNet-50 forward")
     args = ap.parse_args(argv if argv is not None else [])
+    if args.quick:
+        args.rounds, args.iters = 3, 1
     torch.set_num_threads(args.threads)
     nets = [n for n in args.nets.split(",") if n]
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -257,8 +270,19 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{'':10s} cold start / peak RSS: " + "  ".join(
                         f"{e} {c['cold_s']:.1f} s {c['rss_mb']:.0f} MB" for e, c in row["cold"].items()), flush=True)
                 del eng
+    if rows:
+        print(f"\nfast vs the others (medians of {args.rounds} alternated rounds x {args.iters} forwards, "
+              f"{args.threads} threads; a shared machine: other processes may be running). Goals: batch >= 16: "
+              f"fast >= {GOALS[16][0]}x ort and >= {GOALS[16][1]}x opencv; batch 1: >= {GOALS[1][0]}x both")
+        print(f"{'net':10s} {'batch':>5s} {'fast img/s':>10s} {'/exact':>7s} {'/ort':>6s} {'/opencv':>7s}  goal")
+        for row in rows:
+            ips, b = row["ips"], row["batch"]
+            g_ort, g_cv = GOALS[16] if b >= 16 else GOALS[1]
+            r_ort, r_cv = ips["fast"] / ips["ort"], ips["fast"] / ips["opencv"]
+            print(f"{row['net']:10s} {b:5d} {ips['fast']:10.1f} {ips['fast'] / ips['exact']:6.2f}x {r_ort:5.2f}x "
+                  f"{r_cv:6.2f}x  {'met' if r_ort >= g_ort and r_cv >= g_cv else 'MISSED'} ({row['fast']})")
     if args.profile:
-        profile_resnet50(args.threads)
+        profile_resnet50(args.threads, args.compile)
     return 0
 
 
