@@ -41,7 +41,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -149,8 +149,9 @@ def train(job: TrainJob, device: torch.device | None, log: Any, actions: Callabl
 # --- what the ranks share ----------------------------------------------------------------------------------
 @torch.no_grad()
 def broadcast_state(solver: Any, src: int = 0) -> None:
-    """Give every rank the weights (every blob of the train net, BatchNorm statistics included) and
-    the update history of rank ``src`` (Caffe's replicas copy the root solver's parameters)."""
+    """Give every rank the weights (every blob of the train net, BatchNorm statistics included), the
+    update history, ``iter`` and ``current_step`` of rank ``src`` (Caffe's replicas copy the root
+    solver's parameters; only the root reads ``--weights`` / ``--snapshot``)."""
     import torch.distributed as dist
 
     seen: set[int] = set()
@@ -163,6 +164,11 @@ def broadcast_state(solver: Any, src: int = 0) -> None:
     tensors += [h for hs in solver.history for h in hs]
     for t in tensors:
         dist.broadcast(t, src)
+    # iteration and lr step: only rank ``src`` read the --snapshot
+    dev = tensors[0].device if tensors else torch.device("cpu")
+    counters = torch.tensor([int(solver.iter), int(solver.current_step)], dtype=torch.int64, device=dev)
+    dist.broadcast(counters, src)
+    solver.iter, solver.current_step = int(counters[0]), int(counters[1])
 
 
 class SyncedActions:
@@ -261,8 +267,11 @@ def _run_rank(rank: int, world: int, dev: torch.device, job: TrainJob, init_meth
                      "caffe.cpp:224")
             log.info(f"Starting {world} solvers ({'NCCL' if dev.type == 'cuda' else 'gloo'}); effective batch = "
                      f"batch_size x {world}", "parallel.cpp:397")
+        # Only rank 0 reads --snapshot / --weights (the files may exist on its node only, as the
+        # snapshots rank 0 wrote); the others take rank 0's state in after_load.
+        rank_job = job if rank == 0 else replace(job, snapshot=None, weights=None)
         try:
-            train(job, dev, log, synced, after_load, signals=local)
+            train(rank_job, dev, log, synced, after_load, signals=local)
             dist.barrier()
         except CaffeportError:
             raise
