@@ -72,8 +72,11 @@ def export_onnx(model: str, weights: str | None, output: str, opset: int, input_
               help="Write PyTorch source (OUTPUT.py, one nn.Module 'Net', needs only torch) and its "
                    "state_dict (OUTPUT.pt); import it and call load().")
 @_input_shape_opt
+@click.option("--optimize", is_flag=True, help="With --python/--torchscript/--export: fold BatchNorm/Scale/Bias/"
+              "Power into the preceding conv/fc and drop TEST Dropout first (caffeport.passes); checked "
+              "against the exact net within 1e-4 relative.")
 def export_torch(model: str, weights: str | None, output: str, kind: str | None,
-                 input_shapes: tuple[str, ...]) -> None:
+                 input_shapes: tuple[str, ...], optimize: bool = False) -> None:
     """Export MODEL's weights as a state_dict of tensors (keys '<layer>.<blob index>'), the deploy
     net as a TorchScript / torch.export program, or as generated PyTorch source (--python); programs
     and source are checked against caffeport's forward."""
@@ -84,15 +87,20 @@ def export_torch(model: str, weights: str | None, output: str, kind: str | None,
         state_dict_to_blobs,
     )
 
+    if optimize and kind is None:
+        raise CaffeportError(f"{output}: --optimize changes the layers, so a state_dict of the folded weights "
+                             "would not load into MODEL: use it with --python, --torchscript or --export")
     net = _load(model, weights, input_shapes)
     if kind == "python":
         from caffeport.export.pysource import export_python
 
         if weights is None:
             click.echo("note: no --weights given; the exported weights are the net's fillers", err=True)
-        py, pt, err = export_python(net, output)
-        click.echo(f"wrote {py} and {pt}: class Net, inputs {', '.join(net.inputs)}, outputs "
-                   f"{', '.join(net.outputs)}; checked against caffeport: max relative error {err:.3g}")
+        res = export_python(net, output, optimize=optimize)
+        if res.report is not None:
+            click.echo(f"optimized: {res.report.summary()}", err=True)
+        click.echo(f"wrote {res.py} and {res.pt}: class Net, inputs {', '.join(net.inputs)}, outputs "
+                   f"{', '.join(net.outputs)}; checked against caffeport: max relative error {res.error:.3g}")
         return
     if kind is None:
         save_state_dict(net, output)
@@ -101,9 +109,42 @@ def export_torch(model: str, weights: str | None, output: str, kind: str | None,
         click.echo(f"wrote {output}: {n} tensors from {len(back)} layers (load with "
                    "torch.load(path, weights_only=True))")
         return
-    err = export_program(net, output, kind)
+    if optimize:
+        from caffeport.passes import optimize_net
+
+        exact = net
+        net, report = optimize_net(exact)
+        net.source = exact.source
+        click.echo(f"optimized: {report.summary()}", err=True)
+        export_program(net, output, kind)
+        err = _check_program(exact, output, kind)
+    else:
+        err = export_program(net, output, kind)
     click.echo(f"wrote {output}: {kind} program, inputs {', '.join(net.inputs)}, outputs "
                f"{', '.join(net.outputs)}; checked against caffeport: max relative error {err:.3g}")
+
+
+def _check_program(exact, path: str, kind: str) -> float:
+    """The written (optimized) program against the exact net on random inputs; the file is removed
+    when it is off by more than the fold tolerance."""
+    import warnings
+
+    import torch
+
+    from caffeport.export.pysource import OPTIMIZE_TOL
+    from caffeport.export.torch_export import _compare, _random_inputs
+
+    inputs = _random_inputs(exact, 2)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.jit.load(path) if kind == "torchscript" else torch.export.load(path).module()
+        outs = prog(*inputs)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+    try:
+        return _compare(exact, list(outs), inputs, f"optimized {kind} program", OPTIMIZE_TOL)
+    except CaffeportError:
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 @main.command("export-weights")
