@@ -3,12 +3,14 @@
 ``python -m bench side_by_side [--nets caffenet,googlenet,resnet50,squeezenet,mobilenet]
 [--batches 1,16] [--rounds 5] [--iters 2] [--threads 2] [--no-compile] [--cold] [--profile] [--quick]``
 
-``--quick`` (what ``make bench`` runs): 3 rounds of 1 forward per engine. Fast mode compiles as it
+``--quick`` (what ``make bench`` runs): 3 rounds of >= 1 forward and >= 0.3 s per engine. Fast mode compiles as it
 does for users (unless ``CAFFEPORT_NO_COMPILE=1`` or ``--no-compile``).
 
 Deploy nets from ../shared/corpus with fixed seeded weights (``randomize_weights``), the same thread
-count for every engine (torch.set_num_threads, ort intra_op_num_threads, cv2.setNumThreads), engines
-alternated round by round (the order rotates each round), medians of the rounds. Prints images/s,
+count for every engine (torch.set_num_threads, ort intra_op_num_threads, cv2.setNumThreads), one
+worker process per engine (in one process onnxruntime's spinning threads kept both cores busy while
+torch ran: CaffeNet batch 1 exact fell from ~26 to ~3 img/s), engines alternated round by round (the
+order rotates each round), medians of the rounds. Prints images/s,
 each engine's ratio to caffeport fast, each engine's max relative error vs caffeport exact
 (``max|y - exact| / max|exact|`` on the outputs), and the caffemodel load time as a ratio to
 protobuf's own ``ParseFromString`` of the same file. ``--cold``: per engine, a fresh subprocess from
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -55,37 +58,46 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
 class Engines:
     """The four engines on one net at one batch size, each a ``run(x) -> first output`` callable."""
 
-    def __init__(self, name: str, batch: int, threads: int, workdir: Path, compile: bool | None):
-        import cv2
-
+    def __init__(self, name: str, batch: int, threads: int, workdir: Path, compile: bool | None,
+                 only: str | None = None):
         from caffeport.export.common import load_deploy_net, randomize_weights
         from caffeport.export.onnx import net_to_onnx
         from caffeport.fast import build_fast
 
+        want = set(ENGINES) if only is None else {only}
         self.prototxt = CORPUS / NETS[name]
         self.net = load_deploy_net(self.prototxt, None, batch=batch)
-        randomize_weights(self.net, 0)
+        randomize_weights(self.net, 0)  # seeded: every worker process gets the same weights
         self.input = self.net.inputs[0]
         self.output = self.net.outputs[0]
         self.caffemodel = workdir / f"{name}.caffemodel"
         if not self.caffemodel.exists():
             self.net.save(self.caffemodel)
-        t = time.perf_counter()
-        self.fast = build_fast(self.net, compile=compile)
-        self.fast_build_s = time.perf_counter() - t
-        self.fast_report = self.fast.report.summary()
-        import onnxruntime as ort
+        self.fast: Any = None
+        self.fast_build_s = 0.0
+        self.fast_report = ""
+        if "fast" in want:
+            t = time.perf_counter()
+            self.fast = build_fast(self.net, compile=compile)
+            self.fast_build_s = time.perf_counter() - t
+            self.fast_report = self.fast.report.summary()
+        if "ort" in want:
+            import onnxruntime as ort
 
-        export = net_to_onnx(self.net)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        self.ort = ort.InferenceSession(export.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        self.ort_in = self.ort.get_inputs()[0].name
-        cv2.setNumThreads(threads)
-        self.cv = cv2.dnn.readNetFromCaffe(str(self.prototxt), str(self.caffemodel))
-        self.cv.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-        self.cv.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+            export = net_to_onnx(self.net)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            self.ort = ort.InferenceSession(export.model.SerializeToString(), so,
+                                            providers=["CPUExecutionProvider"])
+            self.ort_in = self.ort.get_inputs()[0].name
+        if "opencv" in want:
+            import cv2
+
+            cv2.setNumThreads(threads)
+            self.cv = cv2.dnn.readNetFromCaffe(str(self.prototxt), str(self.caffemodel))
+            self.cv.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+            self.cv.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
         self.shape = tuple(self.net.blobs[self.input].shape)
 
     def run(self, engine: str, x: np.ndarray) -> np.ndarray:
@@ -98,6 +110,78 @@ class Engines:
             return self.ort.run([self.output], {self.ort_in: x})[0]
         self.cv.setInput(x)
         return self.cv.forward(self.output)
+
+
+def _worker(conn: Any, name: str, batch: int, threads: int, workdir: str, compile: bool | None,
+            engine: str) -> None:
+    """One engine in its own process (its thread pool cannot spin on the cores while another engine
+    runs): answers ``("out",)`` with the output, ``("time", n)`` with the seconds of n forwards."""
+    torch.set_num_threads(threads)
+    try:
+        eng = Engines(name, batch, threads, Path(workdir), compile, only=engine)
+        x = np.random.default_rng(1).standard_normal(eng.shape).astype(np.float32)
+        eng.run(engine, x)
+        info = {"shape": eng.shape, "fast_build_s": eng.fast_build_s, "passes": eng.fast_report,
+                "fast": "" if eng.fast is None else eng.fast.precision + ("+compile" if eng.fast.compiled else "")}
+        conn.send(("ready", info))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        msg = conn.recv()
+        if msg[0] == "out":
+            conn.send(eng.run(engine, x))
+        elif msg[0] == "time":
+            t = time.perf_counter()
+            for _ in range(msg[1]):
+                eng.run(engine, x)
+            conn.send(time.perf_counter() - t)
+        else:
+            return
+
+
+class EngineProcs:
+    """The four engines of one net and batch, one worker process each (started one after the other)."""
+
+    def __init__(self, name: str, batch: int, threads: int, workdir: Path, compile: bool | None):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.procs: dict[str, Any] = {}
+        self.conns: dict[str, Any] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        for e in ENGINES:  # exact first: it writes the caffemodel OpenCV reads
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, name, batch, threads, str(workdir), compile, e),
+                               daemon=True)
+            proc.start()
+            self.procs[e], self.conns[e] = proc, parent
+            kind, info = parent.recv()
+            if kind != "ready":
+                self.close()
+                raise RuntimeError(f"{name} batch {batch}: engine {e} failed to start: {info}")
+            self.info[e] = info
+        self.prototxt = CORPUS / NETS[name]
+        self.caffemodel = workdir / f"{name}.caffemodel"
+        self.shape = self.info["exact"]["shape"]
+
+    def out(self, engine: str) -> np.ndarray:
+        self.conns[engine].send(("out",))
+        return self.conns[engine].recv()
+
+    def seconds(self, engine: str, n: int) -> float:
+        self.conns[engine].send(("time", n))
+        return self.conns[engine].recv()
+
+    def close(self) -> None:
+        for e, conn in self.conns.items():
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+            self.procs[e].join(timeout=30)
+            if self.procs[e].is_alive():
+                self.procs[e].kill()
 
 
 def caffemodel_load_ratio(path: Path, repeat: int = 3) -> float:
@@ -217,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nets", default=",".join(NETS))
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=2, help="forwards per engine per round")
+    ap.add_argument("--iters", type=int, default=2, help="forwards per engine per round (at least)")
+    ap.add_argument("--min-round-s", type=float, default=0.3,
+                    help="more forwards per round until one round of an engine lasts about this long")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="fast mode with/without torch.compile (default: as for users, compiled unless "
@@ -236,22 +322,22 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         for name in nets:
             for batch in batches:
-                eng = Engines(name, batch, args.threads, work, args.compile)
-                x = np.random.default_rng(1).standard_normal(eng.shape).astype(np.float32)
-                exact = eng.run("exact", x)
-                errs = {e: _rel(eng.run(e, x), exact) for e in ENGINES}
+                eng = EngineProcs(name, batch, args.threads, work, args.compile)
+                exact = eng.out("exact")
+                errs, iters = {}, {}
+                for e in ENGINES:  # each engine runs >= --min-round-s per round
+                    errs[e] = _rel(eng.out(e), exact)
+                    iters[e] = max(args.iters, math.ceil(args.min_round_s / max(eng.seconds(e, 1), 1e-6)))
                 times: dict[str, list[float]] = {e: [] for e in ENGINES}
                 for r in range(args.rounds):
                     order = ENGINES[r % len(ENGINES):] + ENGINES[:r % len(ENGINES)]
                     for e in order:
-                        t = time.perf_counter()
-                        for _ in range(args.iters):
-                            eng.run(e, x)
-                        times[e].append(batch * args.iters / (time.perf_counter() - t))
+                        times[e].append(batch * iters[e] / eng.seconds(e, iters[e]))
+                eng.close()
                 ips = {e: statistics.median(v) for e, v in times.items()}
-                row = {"net": name, "batch": batch, "ips": ips, "err": errs, "fast": eng.fast.precision
-                       + ("+compile" if eng.fast.compiled else ""), "fast_build_s": eng.fast_build_s,
-                       "passes": eng.fast_report}
+                fast_info = eng.info["fast"]
+                row = {"net": name, "batch": batch, "ips": ips, "err": errs, "fast": fast_info["fast"],
+                       "fast_build_s": fast_info["fast_build_s"], "passes": fast_info["passes"]}
                 if batch == batches[0]:
                     row["load_ratio"] = caffemodel_load_ratio(eng.caffemodel)
                 if args.cold and batch == batches[0]:
@@ -265,13 +351,14 @@ def main(argv: list[str] | None = None) -> int:
                       + "  ".join(f"{e} {errs[e]:.1e}" for e in ENGINES[1:]), flush=True)
                 if "load_ratio" in row:
                     print(f"{'':10s} caffemodel load: {row['load_ratio']:.2f}x protobuf ParseFromString; "
-                          f"fast build {eng.fast_build_s:.1f} s ({eng.fast_report})", flush=True)
+                          f"fast build {row['fast_build_s']:.1f} s ({row['passes']})", flush=True)
                 if "cold" in row:
                     print(f"{'':10s} cold start / peak RSS: " + "  ".join(
                         f"{e} {c['cold_s']:.1f} s {c['rss_mb']:.0f} MB" for e, c in row["cold"].items()), flush=True)
                 del eng
     if rows:
-        print(f"\nfast vs the others (medians of {args.rounds} alternated rounds x {args.iters} forwards, "
+        print(f"\nfast vs the others (medians of {args.rounds} alternated rounds of >= {args.iters} forwards "
+              f"and >= {args.min_round_s} s, "
               f"{args.threads} threads; a shared machine: other processes may be running). Goals: batch >= 16: "
               f"fast >= {GOALS[16][0]}x ort and >= {GOALS[16][1]}x opencv; batch 1: >= {GOALS[1][0]}x both")
         print(f"{'net':10s} {'batch':>5s} {'fast img/s':>10s} {'/exact':>7s} {'/ort':>6s} {'/opencv':>7s}  goal")
