@@ -15,6 +15,12 @@ a form gets a :class:`PyLayer` (the instantiated caffeport layer, its param, sha
 ``state_dict`` entries. Types with no form (Python layers; data/loss layers, which the deploy
 derivation removes first) are reported by name (:data:`NO_SOURCE_FORM`).
 
+``export_python(..., optimize=True)`` (``export-torch --python --optimize``) generates the source of
+the net after :func:`caffeport.passes.optimize_net` (BatchNorm/Scale/Bias/Power folded into the
+preceding conv/fc, TEST Dropout dropped: fewer modules, no BatchNorm between conv and ReLU), and
+checks it against the exact net within :data:`OPTIMIZE_TOL` (1e-4 relative; folding changes fp32
+rounding, so it is not bit for bit what Caffe computes).
+
 Where the generated code differs from caffeport: gradients are autograd's (Caffe's special
 backward rules - Power at 0, ELU's, MVN's eps, Eltwise MAX ties - are not reproduced); nn.BatchNorm
 updates running statistics with torch's momentum rule if trained (Caffe accumulates sums); random
@@ -1672,6 +1678,8 @@ def export_python(net: Any, path: PathLike, *, tol: float = 1e-5, feeds: dict[st
     if optimize:
         from caffeport.passes import optimize_net
 
+        if net.phase != caffe_pb2.TEST:
+            raise CaffeportError(f"{net.source}: --optimize folds TEST-phase layers: give a TEST (deploy) net")
         source_net, report = optimize_net(net)
         source_net.source = net.source
         note = f"Optimized (caffeport.passes): {report.summary()}."

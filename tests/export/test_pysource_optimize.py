@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import caffeport
 import caffeport.passes
 from caffeport.cli import main
 from caffeport.errors import CaffeportError
@@ -205,3 +206,11 @@ def test_cli_optimize_refuses_a_state_dict(tmp_path) -> None:
                                       str(tmp_path / "w.pt"), "--optimize"])
     assert r.exit_code != 0 and "--optimize changes the layers" in r.output
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_optimize_needs_a_test_net(tmp_path) -> None:
+    with in_case("net_resnet_bottleneck") as d:
+        net = Net(d / "net.prototxt", phase=caffeport.TRAIN)
+    with pytest.raises(CaffeportError, match="TEST-phase"):
+        export_python(net, tmp_path / "m.py", optimize=True)
+    assert list(tmp_path.iterdir()) == []
