@@ -75,9 +75,12 @@ def _device(gpu: str | None, log: Any, single: bool = True) -> torch.device | No
 @_opt("log", "log_file", default=None, type=click.Path(dir_okay=False), help="Also append the log to FILE.")
 @_opt("net", default=None, help="Use this train net file instead of the solver's net/train_net.")
 @_opt("snapshot_prefix", default=None, help="Use this snapshot prefix instead of the solver's.")
+@click.option("--fast", is_flag=True, help="Fast training: channels_last, bf16 conv/fc where the hardware has "
+              "it, torch.compile; the same Caffe-exact update; the first batch is checked against exact.")
 def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, snapshot: str | None,
               gpu: str | None, iterations: int | None, level: int | None, stage: str, sigint_effect: str,
-              sighup_effect: str, log_file: str | None, net: str | None, snapshot_prefix: str | None) -> None:
+              sighup_effect: str, log_file: str | None, net: str | None, snapshot_prefix: str | None,
+              fast: bool = False) -> None:
     """Train or fine-tune a model (``caffe train``)."""
     from caffeport.solver import Glog, SignalActions
     from caffeport.solver.parallel import TrainJob, launch, plan_devices, run_torchrun, torchrun_env, train
@@ -94,6 +97,9 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
                    iterations=iterations, snapshot_prefix=snapshot_prefix, log_file=log_file,
                    sigint_effect=sigint_effect, sighup_effect=sighup_effect)
     actions = SignalActions(sigint_effect, sighup_effect)  # validates the effects up front
+    if fast and (torchrun_env() is not None or plan_devices(gpu) is not None):
+        raise CaffeportError("--fast is single-process only: data-parallel training (--gpu with several "
+                             "devices, cpu:N, torchrun) runs in exact mode; drop --fast or train on one device")
     if torchrun_env() is not None:  # one rank of a torchrun / env:// job (multi-node data parallel)
         from caffeport.io import read_solver
 
@@ -114,9 +120,25 @@ def train_cmd(solver_file: str | None, solver: str | None, weights: str | None, 
     log = Glog.stderr(log_file)
     try:
         device = _device(gpu, log, single=False)
-        train(job, device, log, actions, signals=actions)
+        after_load = None
+        if fast:
+            def after_load(s: Any) -> None:
+                s.enable_fast()
+                s.add_update_hook(_log_fast_once(s, log))
+        train(job, device, log, actions, after_load=after_load, signals=actions)
     finally:
         log.close()
+
+
+def _log_fast_once(s: Any, log: Any) -> Callable[[int, float], None]:
+    """An update hook logging, after the first update, the one line of what fast mode did."""
+    done = []
+
+    def hook(it: int, rate: float) -> None:
+        if not done and s.fast is not None and s.fast.checked:
+            done.append(True)
+            log.info(f"Fast mode: {s.fast.summary()}", "fast_train.py:0")
+    return hook
 
 
 _fast_opt = click.option("--fast", is_flag=True, help="Fast mode (inference): folded BatchNorm/Scale, channels_last, "

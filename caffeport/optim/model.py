@@ -52,10 +52,13 @@ class TrainModule(NetModule):
         self.params: OrderedDict[str, list[torch.nn.Parameter]] = OrderedDict(
             (name, list(layer.blobs)) for name, layer in net.layer_dict.items() if len(layer.blobs))
         self._extra_tops = [t for t, _ in self.loss_tops if t not in self.output_names]
+        self.fast: Any = None  # a caffeport.fast_train.FastTrain (from_solver(..., fast=True))
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = dict(zip(self.input_names, args))
         feeds.update(kwargs)
+        if self.fast is not None:  # fast mode: the outputs and loss tops, fp32, with their graph
+            return self.fast.forward(feeds)
         table = self.run(feeds)
         names = self.output_names + [t for t in self._extra_tops if t not in self.output_names]
         return {name: table[name] for name in names}
@@ -96,7 +99,8 @@ def _seed(param: Any, rank: int) -> None:
 def from_solver(solver: PathLike | Any, weights: PathLike | None = None,
                 device: str | torch.device | None = None, *, net: PathLike | None = None,
                 level: int | None = None, stages: Sequence[str] | None = None,
-                include_frozen: bool = False) -> tuple[TrainModule, CaffeOptimizer, LRPolicy]:
+                include_frozen: bool = False, fast: bool | Mapping[str, Any] = False,
+                ) -> tuple[TrainModule, CaffeOptimizer, LRPolicy]:
     """``(model, optimizer, scheduler)`` for a solver prototxt (or ``SolverParameter``).
 
     The train net is resolved as ``caffeport train`` does (``net``/``train_net``... relative to the
@@ -104,7 +108,10 @@ def from_solver(solver: PathLike | Any, weights: PathLike | None = None,
     ``train_state`` as ``caffeport train --level/--stage``), the solver's ``weights:`` and
     then ``weights`` (comma-separated caffemodels) are copied by layer name, ``random_seed`` seeds
     torch (``+ rank`` under ``torch.distributed``). ``device`` defaults to the solver's
-    ``solver_mode``/``device_id`` (CPU when CUDA is missing)."""
+    ``solver_mode``/``device_id`` (CPU when CUDA is missing). ``fast=True`` (or a dict of
+    :class:`caffeport.fast_train.FastTrain` options: ``precision``, ``compile``, ``channels_last``,
+    ``tolerances``) runs the model's forward/backward in fast mode (checked against exact on the
+    first call); the optimizer is the same Caffe-exact one."""
     from caffeport.proto import caffe_pb2
     from caffeport.solver.solver import _rank, _read_param, build_train_net
 
@@ -133,6 +140,10 @@ def from_solver(solver: PathLike | Any, weights: PathLike | None = None,
                 raise CaffeportError(f"{source}: weights file not found: {one}")
             train_net.copy_from(one)
     model = TrainModule(train_net)
+    if fast:
+        from caffeport.fast_train import FastTrain
+
+        model.fast = FastTrain(train_net, **(dict(fast) if isinstance(fast, Mapping) else {}))
     optimizer = OPTIMIZERS[kind](model.param_groups_caffe(include_frozen), param)
     optimizer.source = source
     scheduler = LRPolicy(optimizer, param)

@@ -284,6 +284,7 @@ class Solver:
         hs = [self.optimizer.history_of(prm) for prm in prms]
         self.history: list[list[torch.Tensor]] = [[h[s] for h in hs] for s in range(self.rule.history_sets)]
         self._share_test_weights()
+        self.fast: Any = None  # a caffeport.fast_train.FastTrain after enable_fast()
         self.log.info("Solver scaffolding done.", "scaffold")
 
     # --- construction ----------------------------------------------------------------------------
@@ -370,6 +371,15 @@ class Solver:
                             f"test net #{k}: cannot share param {j} of layer '{name}': shape {tuple(src_p.shape)} "
                             f"in the train net, {tuple(dst_p.shape)} in the test net")
                     dst_p.data = src_p.data
+
+    def enable_fast(self, **kwargs: Any) -> Any:
+        """Fast training (:mod:`caffeport.fast_train`: channels_last, bf16 conv/fc where the hardware
+        has it, ``torch.compile``) for the train net's forward/backward; the optimizer, test nets and
+        snapshots stay as they are. Returns the ``FastTrain`` (its ``summary()`` after the first step)."""
+        from caffeport.fast_train import enable_fast
+
+        self.fast = enable_fast(self, **kwargs)
+        return self.fast
 
     # --- pycaffe-style hooks -----------------------------------------------------------------------
     def add_callback(self, on_start: Callable[[], None] | None = None,
@@ -476,8 +486,9 @@ class Solver:
         total = np.float32(0.0)
         losses = []
         table: dict[str, torch.Tensor] = {}
+        pass_ = self.fast.forward_backward if self.fast is not None else self.net.forward_backward
         for _ in range(n):
-            loss, table = self.net.forward_backward()
+            loss, table = pass_()
             losses.append(loss)
             total = np.float32(total + np.float32(loss))
         self.last_forward_losses = losses

@@ -1,0 +1,188 @@
+"""Fast training (``caffeport.fast_train``) against BVLC Caffe's recorded solver traces.
+
+fp32 eager fast mode must reproduce Caffe's loss trace and final weights within the golden case's
+own tolerances; bf16 must stay within a loose documented tolerance of Caffe's loss curve; the one
+compiled run is fp32 and checked the same way; a compiler that fails gives one notice and eager.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import caffeport
+from caffeport import fast_train
+from caffeport.cli import main
+from caffeport.errors import CaffeportError
+from caffeport.fast import FastModeNotice
+from caffeport.io import load_caffemodel, read_solver
+from caffeport.solver import get_solver
+from tests.golden import assert_close, case_dir, case_info, in_case, npz
+
+CASES = ["solver_sgd_momentum_step", "solver_sgd_itersize2", "solver_adam_poly"]
+# bf16 conv/fc (8 mantissa bits) on these tiny nets: Caffe's loss curve within 5% (relative, per
+# iteration), the final weights within 5% of their largest magnitude per blob.
+BF16_LOSS_RTOL = 5e-2
+BF16_WEIGHT_RTOL = 5e-2
+
+
+def _solver(name: str, tmp_path: Path, **fast: object) -> caffeport.solver.Solver:
+    param = read_solver(case_dir(name) / "solver.prototxt")
+    param.snapshot_prefix = str(tmp_path / "snapshot")
+    param.snapshot = 0
+    param.snapshot_after_train = False
+    solver = get_solver(param)
+    info = case_info(name)
+    trace = npz(name, "trace.npz")
+    init_layers = set(info.get("init_caffemodel_layers", []))
+    for k, v in trace.items():  # layers Caffe filled with its own RNG start from Caffe's values
+        if k.startswith("param/") and k.endswith("@0"):
+            layer, i = k[len("param/"):-2].rsplit("/", 1)
+            if layer not in init_layers:
+                solver.net.params[layer][int(i)].data[...] = v
+    solver.enable_fast(**fast)
+    return solver
+
+
+def _run(name: str, tmp_path: Path, **fast: object) -> tuple[caffeport.solver.Solver, list[float]]:
+    losses: list[float] = []
+    with in_case(name):
+        s = _solver(name, tmp_path, **fast)
+        s.add_callback(on_gradients_ready=lambda: losses.append(s.last_loss))
+        s.step(int(case_info(name)["max_iter"]))
+    return s, losses
+
+
+def _final(name: str) -> dict[str, list[np.ndarray]]:
+    return load_caffemodel(case_dir(name) / "final.caffemodel")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fp32_eager_reproduces_caffe(name: str, tmp_path: Path) -> None:
+    info = case_info(name)
+    s, losses = _run(name, tmp_path, precision="fp32", compile=False)
+    assert s.fast.precision == "fp32" and not s.fast.compiled and s.fast.channels_last
+    assert s.fast.grad_rel_error <= 1e-5 and s.fast.loss_rel_error <= 1e-6, s.fast.summary()
+    assert_close(np.array(losses), npz(name, "trace.npz")["loss"], info["atol"], info["rtol"], f"{name} loss")
+    for layer, blobs in _final(name).items():
+        for i, ref in enumerate(blobs):
+            assert_close(s.net.params[layer][i].data, ref, info["atol"], info["rtol"], f"{name} {layer}[{i}]")
+
+
+def test_bf16_stays_near_caffe_curve(tmp_path: Path) -> None:
+    name = "solver_sgd_momentum_step"
+    s, losses = _run(name, tmp_path, precision="bf16", compile=False)
+    assert s.fast.precision == "bf16"
+    ref = npz(name, "trace.npz")["loss"].astype(np.float64)
+    rel = np.abs(np.array(losses) - ref) / np.abs(ref)
+    assert rel.max() <= BF16_LOSS_RTOL, rel
+    assert 0 < s.fast.grad_rel_error <= fast_train.BF16_TOLERANCES["grad"], s.fast.summary()
+    for layer, blobs in _final(name).items():
+        for i, w in enumerate(blobs):
+            got = s.net.params[layer][i].data
+            assert np.abs(got - w).max() <= BF16_WEIGHT_RTOL * np.abs(w).max(), f"{layer}[{i}]"
+    # the bf16 run is really not the fp32 one (the check would pass a silent fp32 fallback)
+    assert not np.allclose(losses, ref, rtol=1e-6, atol=0)
+
+
+def test_check_refuses_above_tolerance(tmp_path: Path) -> None:
+    with in_case("solver_sgd_momentum_step"):
+        s = _solver("solver_sgd_momentum_step", tmp_path, precision="bf16", compile=False,
+                    tolerances={"grad": 1e-9})
+        with pytest.raises(CaffeportError, match=r"fast training refused.*gradient relative difference"):
+            s.step(1)
+
+
+def test_compile_failure_falls_back_with_one_notice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(module: torch.nn.Module):  # what a missing C++ compiler looks like from torch.compile
+        def call(*a: object, **k: object) -> object:
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(fast_train, "_compile", broken)
+    name = "solver_sgd_momentum_step"
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        s, losses = _run(name, tmp_path, precision="fp32", compile=True)
+    notices = [w for w in got if issubclass(w.category, FastModeNotice)]
+    assert len(notices) == 1 and "torch.compile is not usable" in str(notices[0].message)
+    assert not s.fast.compiled and "eager" in s.fast.summary()
+    info = case_info(name)
+    assert_close(np.array(losses), npz(name, "trace.npz")["loss"], info["atol"], info["rtol"], "loss")
+
+
+def test_compiled_fp32_reproduces_caffe(tmp_path: Path) -> None:
+    """The suite's one real torch.compile (inductor) run."""
+    name = "solver_sgd_momentum_step"
+    s, losses = _run(name, tmp_path, precision="fp32", compile=True)
+    assert s.fast.compiled, s.fast.notices
+    info = case_info(name)
+    assert_close(np.array(losses), npz(name, "trace.npz")["loss"], info["atol"], info["rtol"], "loss")
+    for layer, blobs in _final(name).items():
+        for i, ref in enumerate(blobs):
+            assert_close(s.net.params[layer][i].data, ref, info["atol"], info["rtol"], f"{layer}[{i}]")
+
+
+def test_from_solver_fast_plain_loop(tmp_path: Path) -> None:
+    name = "solver_sgd_itersize2"
+    info = case_info(name)
+    with in_case(name) as d:
+        model, optimizer, scheduler = caffeport.from_solver(d / "solver.prototxt",
+                                                            fast={"precision": "fp32", "compile": False})
+        assert model.fast is not None
+        param = read_solver(d / "solver.prototxt")
+        losses = []
+        for _ in range(param.max_iter):
+            optimizer.zero_grad()
+            total = np.float32(0)
+            for _ in range(param.iter_size):
+                loss = model.loss(model())
+                loss.backward()
+                total = np.float32(total + np.float32(float(loss.detach())))
+            losses.append(float(np.float32(total / np.float32(param.iter_size))))
+            optimizer.step()
+            scheduler.step()
+    assert model.fast.checked and model.fast.grad_rel_error <= 1e-5
+    assert_close(np.array(losses), npz(name, "trace.npz")["loss"], info["atol"], info["rtol"], "loss")
+    for layer, blobs in _final(name).items():
+        for i, ref in enumerate(blobs):
+            assert_close(model.params[layer][i].detach().numpy(), ref, info["atol"], info["rtol"], f"{layer}[{i}]")
+
+
+@pytest.fixture()
+def case(tmp_path: Path):
+    d = tmp_path / "case"
+    shutil.copytree(case_dir("solver_sgd_momentum_step"), d)
+    for p in d.rglob("*"):
+        p.chmod(0o644 if p.is_file() else 0o755)
+    old = os.getcwd()
+    os.chdir(d)
+    yield d
+    os.chdir(old)
+
+
+def test_cli_train_fast_end_to_end(case: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAFFEPORT_NO_COMPILE", "1")
+    r = CliRunner().invoke(main, ["train", "solver.prototxt", "--fast", "--log", "train.log"])
+    assert r.exit_code == 0, r.output
+    fast_lines = [ln for ln in (case / "train.log").read_text().splitlines() if "] Fast mode: " in ln]
+    assert len(fast_lines) == 1 and "eager" in fast_lines[0] and "first batch vs exact" in fast_lines[0]
+    info = case_info("solver_sgd_momentum_step")
+    got = load_caffemodel(case / "snapshot_iter_12.caffemodel")  # Caffe's layout, despite channels_last
+    tol = (5e-2, 5e-2) if "bf16" in fast_lines[0] else (info["atol"], info["rtol"])
+    for layer, blobs in _final("solver_sgd_momentum_step").items():
+        for i, ref in enumerate(blobs):
+            assert_close(got[layer][i], ref, tol[0] * float(np.abs(ref).max()), tol[1], f"{layer}[{i}]")
+
+
+def test_cli_train_fast_refuses_data_parallel(case: Path) -> None:
+    r = CliRunner().invoke(main, ["train", "solver.prototxt", "--fast", "--gpu", "cpu:2"])
+    assert r.exit_code != 0
+    assert "--fast is single-process only" in r.output
