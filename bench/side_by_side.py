@@ -10,7 +10,9 @@ Deploy nets from ../shared/corpus with fixed seeded weights (``randomize_weights
 count for every engine (torch.set_num_threads, ort intra_op_num_threads, cv2.setNumThreads), one
 worker process per engine (in one process onnxruntime's spinning threads kept both cores busy while
 torch ran: CaffeNet batch 1 exact fell from ~26 to ~3 img/s), engines alternated round by round (the
-order rotates each round), medians of the rounds. Prints images/s,
+order rotates each round), medians of the rounds. The engine processes get ``OMP_WAIT_POLICY=PASSIVE``
+(``--omp-wait-policy``): on a CPU shared with other jobs torch's spinning OpenMP barriers made it
+7-10x slower at batch 1; onnxruntime keeps its own default (spinning) thread pool. Prints images/s,
 each engine's ratio to caffeport fast, each engine's max relative error vs caffeport exact
 (``max|y - exact| / max|exact|`` on the outputs), and the caffemodel load time as a ratio to
 protobuf's own ``ParseFromString`` of the same file. ``--cold``: per engine, a fresh subprocess from
@@ -311,7 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 rounds x 1 forward (make bench)")
     ap.add_argument("--cold", action="store_true", help="cold start + peak RSS per engine (subprocesses)")
     ap.add_argument("--profile", action="store_true", help="profile one ResNet-50 forward")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
+                    help="OMP_WAIT_POLICY of the engine processes (torch's OpenMP threads): PASSIVE (default "
+                         "here) sleeps at barriers; ACTIVE spins, which on a CPU shared with other jobs made "
+                         "torch 7-10x slower at batch 1")
     args = ap.parse_args(argv if argv is not None else [])
+    if args.omp_wait_policy != "default":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read by the spawned engine processes
     if args.quick:
         args.rounds, args.iters = 3, 1
     torch.set_num_threads(args.threads)
@@ -359,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print(f"\nfast vs the others (medians of {args.rounds} alternated rounds of >= {args.iters} forwards "
               f"and >= {args.min_round_s} s, "
-              f"{args.threads} threads; a shared machine: other processes may be running). Goals: batch >= 16: "
+              f"{args.threads} threads, OMP_WAIT_POLICY {args.omp_wait_policy}; a shared machine: other "
+              "processes may be running). Goals: batch >= 16: "
               f"fast >= {GOALS[16][0]}x ort and >= {GOALS[16][1]}x opencv; batch 1: >= {GOALS[1][0]}x both")
         print(f"{'net':10s} {'batch':>5s} {'fast img/s':>10s} {'/exact':>7s} {'/ort':>6s} {'/opencv':>7s}  goal")
         for row in rows:
