@@ -5,12 +5,22 @@ same synthetic batch with SGD (momentum 0.9, weight decay 5e-4), in the same pro
 through ``get_solver`` on a ``net_param`` with Input layers, PyTorch with ``torch.optim.SGD``.
 Prints iterations/s for each and the ratio (caffeport / PyTorch; 1.0 = no overhead). A few
 iterations only (``--iterations``), after one warm-up iteration each. No asserts.
+
+Then exact vs fast training (``caffeport.fast_train``: channels_last, bf16 conv/fc on AVX512-BF16/AMX
+CPUs, torch.compile): two Solvers on the same net, seeds and batch, one iteration each in turn
+(``--rounds``), medians of the per-iteration times, the ratio fast / exact throughput, and the
+first-batch check. The fast solver's first iteration (check + compile) is timed apart.
+``--fast-only`` skips the PyTorch comparison; ``--no-compile`` measures eager fast mode
+(as ``CAFFEPORT_NO_COMPILE=1``); the default (``make bench``) is eager (compiling CaffeNet's
+training graph takes minutes on 2 cores), ``--compile`` compiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,11 +102,59 @@ class TorchCaffeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _solver(batch: int, x: np.ndarray, y: np.ndarray) -> Any:
+    torch.manual_seed(0)
+    param = caffe_pb2.SolverParameter(base_lr=0.01, momentum=0.9, weight_decay=5e-4, lr_policy="fixed",
+                                      max_iter=10**6, display=0, snapshot=0, snapshot_after_train=False)
+    text_format.Parse(caffenet_prototxt(batch), param.net_param)
+    solver = get_solver(param)
+    solver.net.blobs["data"].data[...] = x
+    solver.net.blobs["label"].data[...] = y
+    return solver
+
+
+def exact_vs_fast(batch: int, rounds: int, compile: bool) -> float:
+    """Exact vs fast CaffeNet training, alternated; prints and returns the throughput ratio."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(batch, 3, 227, 227)).astype(np.float32)
+    y = rng.integers(0, 1000, size=batch).astype(np.float32)
+    exact, fast = _solver(batch, x, y), _solver(batch, x, y)
+    fast.enable_fast(compile=compile)
+    exact.step(1)
+    t = time.perf_counter()
+    fast.step(1)
+    first = time.perf_counter() - t
+    times: dict[str, list[float]] = {"exact": [], "fast": []}
+    for _ in range(rounds):
+        for name, s in (("exact", exact), ("fast", fast)):
+            t = time.perf_counter()
+            s.step(1)
+            times[name].append(time.perf_counter() - t)
+    te, tf = statistics.median(times["exact"]), statistics.median(times["fast"])
+    print(f"CaffeNet training exact vs fast, batch {batch}, {rounds} alternated rounds, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  fast mode: {fast.fast.summary()}")
+    print(f"  fast first iteration (check{' + compile' if compile else ''}): {first:.1f} s")
+    print(f"  exact: {1 / te:.3f} iter/s   fast: {1 / tf:.3f} iter/s   ratio fast / exact: {te / tf:.2f}")
+    print(f"  loss after {rounds + 1} iterations: exact {exact.last_loss:.4f}, fast {fast.last_loss:.4f}")
+    return te / tf
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=4, help="exact/fast alternated rounds")
+    ap.add_argument("--fast-only", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="compile the fast net (minutes on 2 cores)")
+    ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args(argv or [])
+    if not args.fast_only:
+        vs_pytorch(args)
+    exact_vs_fast(args.batch, args.rounds, args.compile and not args.no_compile)
+
+
+def vs_pytorch(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, 3, 227, 227)).astype(np.float32)
