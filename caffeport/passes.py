@@ -248,12 +248,9 @@ def optimize_net(net: Any, *, fold: bool = True, drop_identity: bool = True, dat
                  ) -> tuple[Any, PassReport]:
     """The passes as a new TEST-phase ``Net`` (same inputs, input shapes and output names;
     ``data_as_input``: data layers become Input layers of the same tops)."""
-    from caffeport.net import Net
-
     param, weights, report = optimize_param(net, fold=fold, drop_identity=drop_identity,
                                             data_as_input=data_as_input)
-    new = Net(param, weights, phase=caffe_pb2.TEST, root=net.ctx.root)
-    new.source = net.source
+    new = net.rebuilt(param, weights)
     reshaped = False
     for name in new.inputs:
         if name not in net.inputs:
