@@ -5,8 +5,11 @@ A fast build is the exact TEST net put through, in order:
 1. the graph passes of :mod:`caffeport.passes` (BatchNorm/Scale/Bias/Power folded into the
    preceding conv/fc, TEST-phase Dropout dropped);
 2. ``channels_last`` memory format for 4-D weights and inputs;
-3. ``torch.compile`` (inductor) - when no compiler is usable the build falls back to eager with one
-   notice (a ``FastModeNotice`` warning);
+3. ``torch.compile`` (inductor) with inductor's ``freezing``: the weights become constants of the
+   compiled graph, so oneDNN prepacks them and fuses conv/fc with the ReLU after them (batch 1 on this
+   CPU: MobileNet 60 -> 113 img/s, SqueezeNet ~78 -> ~105, GoogLeNet 33 -> 42). The fast module is a
+   private folded copy, so later edits of the exact net's weights never reach it - build again. When
+   no compiler is usable the build falls back to eager with one notice (a ``FastModeNotice`` warning);
 4. ``torch.inference_mode`` around every call;
 5. bf16 autocast, only on CPUs that have AVX512-BF16 or AMX (``precision="auto"``), or when asked
    (``precision="bf16"``); ``precision="fp32"`` keeps float32 everywhere. In bf16 the weight
@@ -189,8 +192,26 @@ def _restore(replaced: Mapping[nn.Parameter, torch.Tensor]) -> None:
             p.data = data
 
 
-def _compile(module: nn.Module) -> Callable[..., Any]:
-    return torch.compile(module, backend="inductor", dynamic=False)
+def _compile(module: nn.Module, freeze: bool = True) -> Callable[..., Any]:
+    """``torch.compile`` (inductor, static shapes). ``freeze``: compile with inductor's freezing, so
+    the weights are constants of the graph (oneDNN prepacks them and fuses conv/fc with ReLU); the
+    module is a private folded copy, so nothing changes its weights after the build."""
+    compiled = torch.compile(module, backend="inductor", dynamic=False)
+    return _Frozen(compiled) if freeze else compiled
+
+
+class _Frozen(nn.Module):
+    """Runs a compiled module with inductor's ``freezing`` flag set (read when it (re)compiles)."""
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, **feeds: torch.Tensor) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(**feeds)
 
 
 def build_fast(net: Any, *, compile: bool | None = None, precision: str = "auto",

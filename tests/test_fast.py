@@ -81,6 +81,22 @@ def test_compiled_fast_matches_caffe():
     assert fast.compiled, fast.notices
     out = fast(**npz(name, "inputs.npz"))["res2a"].numpy()
     assert_close(out, npz(name, "forward.npz")["res2a"], info["atol"], info["rtol"], "compiled res2a")
+    # Compiled with inductor's freezing: the weights are graph constants, so oneDNN runs prepacked,
+    # fused conv kernels instead of aten's convolution.
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fast(**npz(name, "inputs.npz"))
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::convolution" not in ops and any("_convolution_pointwise" in k for k in ops), sorted(ops)
+    # Frozen constants are per build: the same net with other weights, built after it, computes its own.
+    other = _golden_net(name)
+    with torch.no_grad():
+        for p in other.module.parameters():
+            p.mul_(-0.5)
+        want = other.module(**{k: torch.from_numpy(v) for k, v in npz(name, "inputs.npz").items()})["res2a"]
+    fast2 = build_fast(other, compile=True, precision="fp32")
+    assert fast2.compiled and _rel(fast2(**npz(name, "inputs.npz"))["res2a"].numpy(), want.numpy()) < 1e-5
 
 
 def test_net_and_load_module_fast(monkeypatch):
