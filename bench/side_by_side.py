@@ -10,9 +10,11 @@ Deploy nets from ../shared/corpus with fixed seeded weights (``randomize_weights
 count for every engine (torch.set_num_threads, ort intra_op_num_threads, cv2.setNumThreads), one
 worker process per engine (in one process onnxruntime's spinning threads kept both cores busy while
 torch ran: CaffeNet batch 1 exact fell from ~26 to ~3 img/s), engines alternated round by round (the
-order rotates each round), medians of the rounds. The engine processes get ``OMP_WAIT_POLICY=PASSIVE``
-(``--omp-wait-policy``): on a CPU shared with other jobs torch's spinning OpenMP barriers made it
-7-10x slower at batch 1; onnxruntime keeps its own default (spinning) thread pool. Prints images/s,
+order rotates each round), medians of the rounds. The engine processes keep OpenMP's default wait
+policy, as users get it (``--omp-wait-policy PASSIVE`` for a CPU shared with other jobs: there torch's
+spinning barriers once made it 7-10x slower at batch 1; with the cores to itself PASSIVE costs torch
+a thread wake-up per op: SqueezeNet batch 1 fast 129 img/s under PASSIVE, 222 under the default);
+onnxruntime keeps its own default (spinning) thread pool. Prints images/s,
 each engine's ratio to caffeport fast, each engine's max relative error vs caffeport exact
 (``max|y - exact| / max|exact|`` on the outputs), and the caffemodel load time as a ratio to
 protobuf's own ``ParseFromString`` of the same file. ``--cold``: per engine, a fresh subprocess from
@@ -313,10 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 rounds x 1 forward (make bench)")
     ap.add_argument("--cold", action="store_true", help="cold start + peak RSS per engine (subprocesses)")
     ap.add_argument("--profile", action="store_true", help="profile one ResNet-50 forward")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
-                    help="OMP_WAIT_POLICY of the engine processes (torch's OpenMP threads): PASSIVE (default "
-                         "here) sleeps at barriers; ACTIVE spins, which on a CPU shared with other jobs made "
-                         "torch 7-10x slower at batch 1")
+    ap.add_argument("--omp-wait-policy", default="default", choices=["PASSIVE", "ACTIVE", "default"],
+                    help="OMP_WAIT_POLICY of the engine processes (torch's OpenMP threads): default (as "
+                         "inherited; OpenMP spins briefly, then sleeps) is what users get; PASSIVE sleeps at "
+                         "once (better when other jobs hold the cores, slower at batch 1 otherwise); ACTIVE "
+                         "always spins")
     args = ap.parse_args(argv if argv is not None else [])
     if args.omp_wait_policy != "default":
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read by the spawned engine processes

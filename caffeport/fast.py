@@ -30,8 +30,9 @@ net and feed the fast net. Storing the weights in bf16 rounds them exactly as au
 errors did not change (seeded corpus nets, batch 1/16: CaffeNet 5.0e-3/6.3e-3, GoogLeNet
 3.0e-3/3.4e-3, ResNet-50 2.6e-3/3.3e-3, SqueezeNet 2.9e-3/3.0e-3, MobileNet 1.4e-2/1.7e-2: all
 below 5e-2). Speed on a CPU shared with other jobs: start Python with ``OMP_WAIT_POLICY=PASSIVE``
-(torch's spinning OpenMP barriers were 7-10x slower at batch 1 when
-another process held a core).
+(torch's spinning OpenMP barriers were 7-10x slower at batch 1 when another process held a core);
+with the cores to itself keep OpenMP's default (PASSIVE then costs a thread wake-up per op:
+SqueezeNet batch 1, 111 vs 195 img/s).
 Where Caffe differs: none of this is Caffe's arithmetic any more (folding re-rounds, bf16 keeps 8
 mantissa bits), which is why exact mode stays the default.
 """

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import caffeport.proto.caffe_pb2  # noqa: F401  (makes caffe.proto.caffe_pb2 reachable)
-from caffeport import proto
-from caffeport.compat import io
+from caffeport.compat import io, proto  # caffe.proto.caffe_pb2, and `from caffeport.compat.proto import ...`
 from caffeport.compat._net import Net, set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from caffeport.layers.base import TEST, TRAIN
 

@@ -274,8 +274,9 @@ def run_function(fn: type[torch.autograd.Function], *args: Any) -> Any:
 
 
 class LegacyShape:
-    """pycaffe's legacy 4-D accessors (num, channels, height, width) over ``self.shape``: shapes with
-    fewer axes are padded with leading 1s, as Caffe's ``LegacyShape``."""
+    """pycaffe's legacy 4-D accessors (num, channels, height, width) over ``self.shape``: axes a
+    shorter shape lacks read 1, as Caffe's ``Blob::LegacyShape`` (``(10, 4)``: num 10, channels 4,
+    height 1, width 1)."""
 
     shape: tuple[int, ...]
 
@@ -283,7 +284,7 @@ class LegacyShape:
         s = tuple(self.shape)
         if len(s) > 4:
             raise ValueError(f"legacy accessors need at most 4 axes, blob has shape {s}")
-        return ((1,) * (4 - len(s)) + s)[i]
+        return (s + (1,) * (4 - len(s)))[i]
 
     @property
     def num(self) -> int:

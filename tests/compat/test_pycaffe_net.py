@@ -506,3 +506,15 @@ def test_blob_reshape_any_blob(tmp_path: Path) -> None:
     net.reshape()
     out = net.forward(data=np.ones((5, 3), np.float32))
     assert out["out"].shape == (5, 2) and net.blobs["ip"].shape == (5, 4)
+
+
+def test_legacy_accessors_pad_missing_axes_with_trailing_ones(tmp_path):
+    # Caffe's Blob::LegacyShape(i) is shape(i) for the axes a blob has and 1 past them, so a
+    # (10, 4) blob has num 10, channels 4 (brewing-logreg reads test_nets[0].blobs['data'].num).
+    p = tmp_path / "n.prototxt"
+    p.write_text('input: "a" input_shape { dim: 10 dim: 4 } input: "b" input_shape { dim: 5 }\n'
+                 'input: "c" input_shape { dim: 2 dim: 3 dim: 4 }\n'
+                 'layer { name: "s" type: "Silence" bottom: "a" bottom: "b" bottom: "c" }')
+    net = caffe.Net(str(p), caffe.TEST)
+    legacy = {k: (b.num, b.channels, b.height, b.width) for k, b in net.blobs.items()}
+    assert legacy == {"a": (10, 4, 1, 1), "b": (5, 1, 1, 1), "c": (2, 3, 4, 1)}
