@@ -132,7 +132,7 @@ class _SoftmaxLossFn(torch.autograd.Function):
     def forward(ctx, x, label, valid, norm):  # type: ignore[override]
         logp = torch.log_softmax(x, dim=1)
         picked = logp.gather(1, label.unsqueeze(1)).squeeze(1).clamp_min(LOG_FLT_MIN)
-        loss = -torch.where(valid, picked, torch.zeros_like(picked)).sum() / norm
+        loss = (0.0 - torch.where(valid, picked, torch.zeros_like(picked)).sum()) / norm  # Caffe: 0 - sum, +0 when none
         ctx.save_for_backward(logp, label, valid, torch.as_tensor(norm, dtype=x.dtype, device=x.device))
         return loss
 
@@ -202,7 +202,7 @@ class _SigmoidCEFn(torch.autograd.Function):
     def forward(ctx, x, target, valid, norm):  # type: ignore[override]
         pos = (x >= 0).to(x.dtype)
         per = x * (target - pos) - torch.log1p(torch.exp(x - 2 * x * pos))
-        loss = -torch.where(valid, per, torch.zeros_like(per)).sum() / norm
+        loss = (0.0 - torch.where(valid, per, torch.zeros_like(per)).sum()) / norm  # Caffe: 0 - sum, +0 when none
         ctx.save_for_backward(x, target, valid, torch.as_tensor(norm, dtype=x.dtype, device=x.device))
         return loss
 

@@ -341,3 +341,18 @@ def test_invalid_params(type_name, params, shapes, msg):
 def test_bottom_count_checked():
     with pytest.raises(CaffeportError, match="bottom"):
         make("SoftmaxWithLoss", "", [(2, 3)])
+
+
+@pytest.mark.parametrize("type_name, target", [
+    ("SoftmaxWithLoss", lambda: torch.full((2, 4), -1.0)),
+    ("SigmoidCrossEntropyLoss", lambda: torch.full((2, 3, 4), -1.0)),
+])
+def test_every_position_ignored_gives_positive_zero(type_name, target):
+    # Caffe accumulates `loss -= ...` from 0 and divides by max(1, valid): +0, which its log prints
+    # as "0" (a -0 would print "-0"); the gradient is zero everywhere.
+    layer = make(type_name, "loss_param { ignore_label: -1 }", [(2, 3, 4), tuple(target().shape)])
+    x = t64(RNG.normal(size=(2, 3, 4)), grad=True)
+    loss = layer(x, target().double())
+    assert val(loss) == 0.0 and np.copysign(1.0, val(loss)) == 1.0
+    loss.backward()
+    assert float(x.grad.abs().sum()) == 0.0
