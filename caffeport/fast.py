@@ -193,25 +193,26 @@ def _restore(replaced: Mapping[nn.Parameter, torch.Tensor]) -> None:
             p.data = data
 
 
-def _compile(module: nn.Module, freeze: bool = True) -> Callable[..., Any]:
-    """``torch.compile`` (inductor, static shapes). ``freeze``: compile with inductor's freezing, so
-    the weights are constants of the graph (oneDNN prepacks them and fuses conv/fc with ReLU); the
-    module is a private folded copy, so nothing changes its weights after the build."""
-    compiled = torch.compile(module, backend="inductor", dynamic=False)
-    return _Frozen(compiled) if freeze else compiled
+def _compile(module: nn.Module) -> Callable[..., Any]:
+    """``torch.compile`` (inductor, static shapes) with inductor's freezing: the weights are constants
+    of the graph (oneDNN prepacks them and fuses conv/fc with ReLU); the module is a private folded
+    copy, so nothing changes its weights after the build."""
+    return _Frozen(torch.compile(module, backend="inductor", dynamic=False))
 
 
 class _Frozen(nn.Module):
-    """Runs a compiled module with inductor's ``freezing`` flag set (read when it (re)compiles)."""
+    """Runs a compiled module with inductor's ``freezing`` flag set (inductor reads it when it
+    (re)compiles; ``torch.compile(options={"freezing": True})`` did not reach it in torch 2.13)."""
 
     def __init__(self, compiled: nn.Module):
-        super().__init__()
-        self.compiled = compiled
-
-    def forward(self, **feeds: torch.Tensor) -> Any:
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):
+        super().__init__()
+        self.compiled = compiled
+        self._config = inductor_config
+
+    def forward(self, **feeds: torch.Tensor) -> Any:
+        with self._config.patch(freezing=True):
             return self.compiled(**feeds)
 
 
