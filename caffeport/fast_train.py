@@ -64,25 +64,31 @@ class _Compute(nn.Module):
     """The net's forward from fed data tops to ``(loss, {kept blob: fp32 tensor})``: the unit that is
     compiled. Weight layers run under bf16 autocast when ``bf16``; their tops return to fp32."""
 
-    def __init__(self, net: Any, keep: Sequence[str], bf16: bool, device_type: str):
+    def __init__(self, net: Any, keep: Sequence[str], bf16: bool, device_type: str, own_kernels: bool = False):
         super().__init__()
         self.layers = net.module.layers  # the same modules (and parameters) as the exact net
         object.__setattr__(self, "_net_module", net.module)
         self._plans = list(net._plans)
         self._low = [bf16 and _low_precision_layer(p.layer) for p in self._plans]
+        # eager CPU: layers with their own low-precision forward use it (reused buffers); else autocast
+        self._own = [low and own_kernels and hasattr(p.layer, "forward_low_precision")
+                     for p, low in zip(self._plans, self._low)]
         self._keep = list(keep)
         self._device_type = device_type
 
     def forward(self, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         table: dict[str, torch.Tensor] = {}
-        for plan, low in zip(self._plans, self._low):
+        for plan, low, own in zip(self._plans, self._low, self._own):
             layer = plan.layer
             if layer.is_input or layer.is_data:
                 for t in plan.tops:
                     table[t] = feeds[t]
                 continue
             ins = [table[b].detach() if det else table[b] for b, det in zip(plan.bottoms, plan.detach)]
-            if low:
+            if own:
+                out = layer.forward_low_precision(*ins, dtype=torch.bfloat16)
+                outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+            elif low:
                 with torch.autocast(self._device_type, dtype=torch.bfloat16):
                     out = layer(*ins)
                 outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
@@ -149,7 +155,8 @@ class FastTrain:
         self.data_plans = [p for p in net._plans if p.layer.is_data and not p.layer.is_input]
         extra = [t for t, _ in net.module.loss_tops if t not in net.outputs]
         self.keep = list(net.outputs) + extra
-        self.compute = _Compute(net, self.keep, precision == "bf16", device.type)
+        self.compute = _Compute(net, self.keep, precision == "bf16", device.type,
+                                own_kernels=device.type == "cpu" and not self.want_compile)
         self._call: Callable[..., Any] = self.compute
         self._params = [prm for _, _, prm, _, _ in net.learnable_params() if prm.requires_grad]
         if self.channels_last:

@@ -186,3 +186,67 @@ def test_cli_train_fast_refuses_data_parallel(case: Path) -> None:
     r = CliRunner().invoke(main, ["train", "solver.prototxt", "--fast", "--gpu", "cpu:2"])
     assert r.exit_code != 0
     assert "--fast is single-process only" in r.output
+
+
+def _ip_net(axis: int, transpose: bool, bias: bool, shape: tuple[int, ...]) -> caffeport.Net:
+    from google.protobuf import text_format
+
+    from caffeport.proto import caffe_pb2
+
+    p = caffe_pb2.NetParameter()
+    dims = " ".join(f"dim: {d}" for d in shape)
+    text_format.Parse(
+        f'layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ {dims} }} }} }}\n'
+        f'layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param {{ num_output: 7 '
+        f'axis: {axis} transpose: {str(transpose).lower()} bias_term: {str(bias).lower()} '
+        f'weight_filler {{ type: "gaussian" std: 1 }} bias_filler {{ type: "gaussian" std: 1 }} }} }}', p)
+    return caffeport.Net(p, phase=caffeport.TRAIN)
+
+
+@pytest.mark.parametrize("axis,transpose,bias,shape", [
+    (1, False, True, (5, 3, 4)), (1, True, True, (5, 12)), (-1, False, False, (2, 3, 6)),
+    (2, True, True, (2, 3, 2, 2)), (1, False, True, (0, 6)), (1, False, True, (4, 0)),
+])
+def test_low_precision_inner_product_against_float64(axis: int, transpose: bool, bias: bool,
+                                                     shape: tuple[int, ...]) -> None:
+    """Fast training's own bf16 InnerProduct (eager CPU): top and the three gradients against a float64
+    numpy computation, at bf16 accuracy; two backwards accumulate in .grad although the weight
+    gradient comes from a reused buffer."""
+    net = _ip_net(axis, transpose, bias, shape)
+    layer = next(p.layer for p in net._plans if p.layer.param.type == "InnerProduct")
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.normal(size=shape), dtype=torch.float32, requires_grad=True)
+    ax = axis % len(shape)
+    m, k = int(np.prod(shape[:ax])), int(np.prod(shape[ax:]))
+    g = rng.normal(size=(m, 7))
+    w = layer.blobs[0].detach().double().numpy()
+    w_nk = w.T if transpose else w
+    x2 = x.detach().double().numpy().reshape(m, k)
+    want_y = x2 @ w_nk.T + (layer.blobs[1].detach().double().numpy() if bias else 0)
+    for p in layer.blobs:
+        p.grad = torch.zeros_like(p)
+    for _ in range(2):
+        y = layer.forward_low_precision(x, dtype=torch.bfloat16)
+        assert y.dtype == torch.float32 and y.shape == (*shape[:ax], 7)
+        y.reshape(m, 7).backward(torch.tensor(g, dtype=torch.float32))
+    scale = max([1.0, *np.abs(want_y).ravel()])
+    assert np.all(np.abs(y.detach().double().numpy().reshape(m, 7) - want_y) <= 2e-2 * scale)
+    gw = 2 * (g.T @ x2)
+    gw = gw.T if transpose else gw
+    gx = 2 * (g @ w_nk)
+    for got, want in ((layer.blobs[0].grad, gw), (x.grad.reshape(m, k), gx)):
+        assert got.dtype == torch.float32
+        err = np.abs(got.double().numpy() - want)
+        assert err.size == 0 or err.max() <= 2e-2 * max([1.0, *np.abs(want).ravel()])
+    if bias:
+        np.testing.assert_allclose(layer.blobs[1].grad.double().numpy(), 2 * g.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_cpu_fast_training_uses_the_layers_own_low_precision_forward(tmp_path: Path) -> None:
+    with in_case("solver_sgd_momentum_step"):
+        s = _solver("solver_sgd_momentum_step", tmp_path, precision="bf16", compile=False)
+        own = {p.layer.param.type for p, o in zip(s.fast.compute._plans, s.fast.compute._own) if o}
+        assert "InnerProduct" in own and "Convolution" not in own
+        s.step(1)
+        ip = next(p.layer for p in s.net._plans if p.layer.param.type == "InnerProduct")
+        assert ip._low_precision_buffers["weight"].dtype == torch.bfloat16

@@ -184,6 +184,10 @@ class Layer(nn.Module):
         """Overwrite ``x`` with the top (only when ``can_run_inplace``)."""
         raise NotImplementedError
 
+    # Optional: ``forward_low_precision(*bottoms, dtype)``, the layer's forward with its matrix
+    # products in ``dtype`` (bf16) and float32 tops, for eager CPU fast training; layers without it
+    # run their ``forward`` under autocast there (see caffeport.fast_train).
+
     # --- helpers ---------------------------------------------------------------------------------
     def error(self, message: str) -> CaffeportError:
         """An error naming this layer and the net file; ``raise self.error("...")``."""

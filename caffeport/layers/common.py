@@ -2,7 +2,8 @@
 
 Shapes follow Caffe's ``Reshape`` rules for each type; parameter blobs have Caffe's shapes and order.
 Custom autograd functions appear only where Caffe's backward is not autograd's (Eltwise MAX ties,
-Eltwise PROD without ``stable_prod_grad``, MVN's eps placement).
+Eltwise PROD without ``stable_prod_grad``, MVN's eps placement), plus fast training's
+low-precision InnerProduct (reused buffers instead of fresh per-step allocations).
 """
 
 from __future__ import annotations
@@ -516,12 +517,15 @@ class InnerProduct(Layer):
                              f"is incompatible with the weights' K = {self.k}")
         return [tuple(shape[:self.axis]) + (self.num_output,)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottom as the ``(M, K)`` matrix Caffe's GEMM reads."""
         lead = x.shape[:self.axis]
         if self.k == 0:  # K = 0 (a 0-sized bottom): -1 is ambiguous; Caffe's GEMM adds nothing -> bias
-            x2 = x.reshape(math.prod(int(d) for d in lead) if self.axis > 0 else 1, 0)
-        else:
-            x2 = x.reshape(-1, self.k) if self.axis > 0 else x.reshape(1, self.k)
+            return x.reshape(math.prod(int(d) for d in lead) if self.axis > 0 else 1, 0)
+        return x.reshape(-1, self.k) if self.axis > 0 else x.reshape(1, self.k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = self._rows(x)
         w = self.blobs[0]
         b = self.blobs[1] if self.bias_term else None
         if self.transpose:
@@ -530,7 +534,61 @@ class InnerProduct(Layer):
                 y = y + b
         else:
             y = F.linear(x2, w, b)
-        return y.reshape(tuple(lead) + (self.num_output,))
+        return y.reshape(tuple(x.shape[:self.axis]) + (self.num_output,))
+
+    def forward_low_precision(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Fast training's forward (eager, CPU): the three GEMMs in ``dtype`` with float32 top, bias
+        and gradients, the weight's low-precision copy and gradient kept in buffers reused every step
+        (a fresh 100+ MB tensor per step costs more in page faults than its GEMM; see _LowPrecisionIP)."""
+        x2 = self._rows(x)
+        b = self.blobs[1] if self.bias_term else None
+        bufs = self.__dict__.setdefault("_low_precision_buffers", {})
+        y = _LowPrecisionIP.apply(x2, self.blobs[0], b, self.transpose, dtype, bufs)
+        return y.reshape(tuple(x.shape[:self.axis]) + (self.num_output,))
+
+
+def _buffer(bufs: dict[str, torch.Tensor], key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    b = bufs.get(key)
+    if b is None or b.shape != like.shape or b.dtype != dtype or b.device != like.device:
+        b = bufs[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return b
+
+
+class _LowPrecisionIP(torch.autograd.Function):
+    """InnerProduct with its GEMMs in a low-precision ``dtype``: ``y = x W^T + b`` (``x W + b`` when
+    transposed). The top, the bias and every gradient returned are float32 (the weight gradient is
+    the low-precision GEMM's result widened). The low-precision weight copy and the weight gradient
+    live in buffers reused from step to step, so the gradient handed to autograd is overwritten by
+    the next backward: accumulate it (``.grad``, as the solver does) before running another."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transpose: bool,
+                dtype: torch.dtype, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+        wl = _buffer(bufs, "weight", w, dtype)
+        wl.copy_(w)
+        xl = x2.to(dtype)
+        y = (xl @ wl if transpose else xl @ wl.t()).float()
+        if b is not None:
+            y = y + b
+        ctx.save_for_backward(xl, wl)
+        ctx.transpose, ctx.bufs, ctx.has_bias = transpose, bufs, b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        xl, wl = ctx.saved_tensors
+        gl = g.to(wl.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (gl @ wl.t() if ctx.transpose else gl @ wl).float()
+        if ctx.needs_input_grad[1]:
+            low = _buffer(ctx.bufs, "weight_diff_low", wl, wl.dtype)
+            torch.mm(xl.t(), gl, out=low) if ctx.transpose else torch.mm(gl.t(), xl, out=low)
+            gw = _buffer(ctx.bufs, "weight_diff", wl, torch.float32)
+            gw.copy_(low)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
