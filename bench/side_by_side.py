@@ -119,7 +119,8 @@ class Engines:
 def _worker(conn: Any, name: str, batch: int, threads: int, workdir: str, compile: bool | None,
             engine: str) -> None:
     """One engine in its own process (its thread pool cannot spin on the cores while another engine
-    runs): answers ``("out",)`` with the output, ``("time", n)`` with the seconds of n forwards."""
+    runs): answers ``("out",)`` with the output, ``("time", n)`` with the seconds of n forwards (after
+    one untimed forward: the steady state, not the wake-up from the other engines' rounds)."""
     torch.set_num_threads(threads)
     try:
         eng = Engines(name, batch, threads, Path(workdir), compile, only=engine)
@@ -136,6 +137,7 @@ def _worker(conn: Any, name: str, batch: int, threads: int, workdir: str, compil
         if msg[0] == "out":
             conn.send(eng.run(engine, x))
         elif msg[0] == "time":
+            eng.run(engine, x)  # untimed: wakes this engine's thread pool after the others' rounds
             t = time.perf_counter()
             for _ in range(msg[1]):
                 eng.run(engine, x)

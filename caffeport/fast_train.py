@@ -9,11 +9,16 @@ decay -> rule, on fp32 master weights and fp32 gradients). Only the net's forwar
    matrices or kernels* (floating blobs of 2+ dims: Convolution, InnerProduct, Deconvolution,
    recurrent weights). Their tops go back to fp32 at once, so every other layer (pooling, LRN,
    ReLU, Dropout masks, Softmax, the losses) computes in fp32 as in exact mode; the weights stay fp32
-   (autocast casts a bf16 copy for the matmul) and their gradients arrive in fp32;
+   (autocast casts a bf16 copy for the matmul) and their gradients arrive in fp32. Eager on the CPU,
+   a layer with its own ``forward_low_precision`` (InnerProduct) runs that instead of autocast: the
+   same bf16 GEMMs, but the bf16 weight copy and the weight gradient live in buffers reused every
+   step. A fresh 150 MB tensor per step (CaffeNet's fc6 weight copy, its gradient) costs more in
+   page faults than the GEMM that fills it: this took CaffeNet batch 32 from 1.44x to 1.76x exact;
 3. ``torch.compile`` (inductor) of the whole forward (data layers excluded) and its backward, by
    default on CUDA only (``compile=True`` asks for it anywhere; ``CAFFEPORT_NO_COMPILE=1`` skips it):
    on this 2-core CPU compiled training was slower than eager (CaffeNet batch 32: 1.24x exact
-   compiled, 1.41-1.46x eager, same session) and its first step compiles for 50-70 s. When no
+   compiled, 1.41-1.46x eager before the reused buffers, same session) and its first step compiles
+   for 50-70 s. When no
    compiler is usable, one :class:`~caffeport.fast.FastModeNotice` and eager instead. Compiled
    random ops use torch's eager RNG stream (inductor's ``fallback_random``), so Dropout draws the
    masks exact mode would;

@@ -60,7 +60,7 @@ def test_broken_pass_is_refused():
 def test_compile_failure_falls_back_with_one_notice(monkeypatch):
     import caffeport.fast as fast_mod
 
-    def no_compiler(module):
+    def no_compiler(module, cpp_wrapper=True):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(fast_mod, "_compile", no_compiler)
@@ -75,20 +75,21 @@ def test_compile_failure_falls_back_with_one_notice(monkeypatch):
 
 def test_compiled_fast_matches_caffe():
     # The one real torch.compile of the suite (a tiny net: compiling is slow on 2 cores).
+    from torch._inductor.utils import run_and_get_code
+
     name = "net_resnet_bottleneck"
     info = case_info(name)
-    fast = build_fast(_golden_net(name), compile=True, precision="fp32")
-    assert fast.compiled, fast.notices
+    fast, codes = run_and_get_code(lambda: build_fast(_golden_net(name), compile=True, precision="fp32"))
+    assert fast.compiled and fast.cpp_wrapper, fast.notices
     out = fast(**npz(name, "inputs.npz"))["res2a"].numpy()
     assert_close(out, npz(name, "forward.npz")["res2a"], info["atol"], info["rtol"], "compiled res2a")
-    # Compiled with inductor's freezing: the weights are graph constants, so oneDNN runs prepacked,
-    # fused conv kernels instead of aten's convolution.
-    from torch.profiler import profile
-
-    with profile() as prof:
-        fast(**npz(name, "inputs.npz"))
-    ops = {e.key for e in prof.key_averages()}
-    assert "aten::convolution" not in ops and any("_convolution_pointwise" in k for k in ops), sorted(ops)
+    # The generated wrapper is C++, and with inductor's freezing the weights are graph constants, so
+    # it calls oneDNN's prepacked convolutions fused with the ReLU, never aten's convolution.
+    code = "\n".join(codes)
+    calls = [ln for ln in code.splitlines() if "mkldnn__convolution_pointwise(" in ln]
+    assert "AOTI_TORCH_ERROR_CODE_CHECK" in code and calls, code[:2000]
+    assert all("_frozen_param" in ln for ln in calls) and any('"relu"' in ln for ln in calls)
+    assert "aoti_torch_cpu_convolution(" not in code and "aten.convolution.default(" not in code
     # Frozen constants are per build: the same net with other weights, built after it, computes its own.
     other = _golden_net(name)
     with torch.no_grad():
@@ -194,3 +195,25 @@ def test_bf16_weights_fall_back_to_fp32_storage_with_one_notice(monkeypatch):
     assert {p.dtype for p in fast.inner.parameters()} == {torch.float32}
     out = fast(**npz("net_caffenet_mini", "inputs.npz"))["loss"].numpy()
     assert _rel(out, npz("net_caffenet_mini", "forward.npz")["loss"]) < BF16_TOLERANCE
+
+
+def test_cpp_wrapper_failure_falls_back_to_the_python_wrapper_silently(monkeypatch):
+    import caffeport.fast as fast_mod
+
+    real = fast_mod._compile
+
+    def no_cpp_wrapper(module, cpp_wrapper=True):
+        if cpp_wrapper:
+            raise RuntimeError("C++ wrapper: unsupported op")
+        return real(module, cpp_wrapper=False)
+
+    monkeypatch.setattr(fast_mod, "_compile", no_cpp_wrapper)
+    name = "net_resnet_bottleneck"
+    info = case_info(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = build_fast(_golden_net(name), compile=True, precision="fp32")
+    assert not [w for w in caught if issubclass(w.category, FastModeNotice)]
+    assert fast.compiled and not fast.cpp_wrapper and "Python wrapper" in fast.notices[0]
+    out = fast(**npz(name, "inputs.npz"))["res2a"].numpy()
+    assert_close(out, npz(name, "forward.npz")["res2a"], info["atol"], info["rtol"], "compiled res2a")
