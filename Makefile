@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv proto lint bench clean fuzz
+.PHONY: demo test venv proto lint bench clean fuzz gpu-prep
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,5 +40,17 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
+# What bench/gpu_check.sh needs on a lent GPU machine, into .device/ (git-ignored; carry it): the
+# goldens and ResNet-50's prototxt (../shared does not travel) and wheels of lmdb and protobuf for
+# that machine's Python 3.12 (it has neither at the versions caffeport needs).
+RESNET50_DIR := corpus/3_model_zoo/resnet_KaimingHe/prototxt
+gpu-prep: $(STAMP)
+	rm -rf .device && mkdir -p .device/shared/$(RESNET50_DIR) .device/whl
+	cp -r ../shared/golden .device/shared/
+	cp ../shared/$(RESNET50_DIR)/ResNet-50-deploy.prototxt .device/shared/$(RESNET50_DIR)/
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .device/whl lmdb==3.0.0 protobuf==7.36.2
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out .device

@@ -102,12 +102,12 @@ class TorchCaffeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _solver(batch: int, x: np.ndarray, y: np.ndarray) -> Any:
+def _solver(batch: int, x: np.ndarray, y: np.ndarray, device: str | torch.device | None = None) -> Any:
     torch.manual_seed(0)
     param = caffe_pb2.SolverParameter(base_lr=0.01, momentum=0.9, weight_decay=5e-4, lr_policy="fixed",
                                       max_iter=10**6, display=0, snapshot=0, snapshot_after_train=False)
     text_format.Parse(caffenet_prototxt(batch), param.net_param)
-    solver = get_solver(param)
+    solver = get_solver(param, device=device)
     solver.net.blobs["data"].data[...] = x
     solver.net.blobs["label"].data[...] = y
     return solver

@@ -15,7 +15,8 @@ A fast build is the exact TEST net put through, in order:
    the Python wrapper is tried (``FastModule.cpp_wrapper`` says which). When no compiler is usable
    the build falls back to eager with one notice (a ``FastModeNotice`` warning);
 4. ``torch.inference_mode`` around every call;
-5. bf16 autocast, only on CPUs that have AVX512-BF16 or AMX (``precision="auto"``), or when asked
+5. bf16 autocast, only on CPUs that have AVX512-BF16 or AMX and on CUDA devices with bf16
+   (``precision="auto"``), or when asked
    (``precision="bf16"``); ``precision="fp32"`` keeps float32 everywhere. In bf16 the weight
    matrices and kernels (floating parameters of 2 or more dims: conv, fc, deconv, recurrent weights)
    are stored in bf16 once at build time (``FastModule.weights_dtype``), so autocast does not re-cast
@@ -109,6 +110,7 @@ class FastModule(nn.Module):
         self.notices: list[str] = []
         self.data_plans: list[Any] = []  # the exact net's data layers: run eagerly, their tops fed
         self.weights_dtype = "fp32"  # "bf16" when the weight matrices/kernels are stored in bf16
+        self.device = torch.device("cpu")  # the net's device: inputs are moved there
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next batch of every data layer (read by the exact net's own readers)."""
@@ -123,7 +125,7 @@ class FastModule(nn.Module):
     def _prepare(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in feeds.items():
-            t = torch.as_tensor(v, dtype=torch.float32)
+            t = torch.as_tensor(v, dtype=torch.float32, device=self.device)
             if self.channels_last and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             out[k] = t
@@ -137,7 +139,7 @@ class FastModule(nn.Module):
         feeds = self._prepare(feeds)
         with torch.inference_mode():
             if self.precision == "bf16":
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     outs = self._call(**feeds)
             else:
                 outs = self._call(**feeds)
@@ -156,7 +158,7 @@ class FastModule(nn.Module):
                                      f"(inputs: {', '.join(net.inputs)})")
         feeds = {name: np.asarray(kwargs[name] if name in kwargs else net.blobs[name].data, dtype=np.float32)
                  for name in net.inputs}
-        outs = {k: v.numpy() for k, v in self(**feeds).items()}
+        outs = {k: v.cpu().numpy() for k, v in self(**feeds).items()}
         for name, value in outs.items():
             if tuple(net.blobs[name].shape) == value.shape:
                 net.blobs[name].data[...] = value
@@ -170,7 +172,7 @@ def _sample_feeds(net: Any, seed: int) -> dict[str, torch.Tensor]:
     index_like = {p.bottoms[i] for p in net._plans for i in type(p.layer).no_grad_bottoms if i < len(p.bottoms)}
     names = list(net.inputs) + [t for p in net._plans if p.layer.is_data and not p.layer.is_input for t in p.tops]
     return {name: (torch.zeros(tuple(net.blobs[name].shape)) if name in index_like
-                   else torch.randn(tuple(net.blobs[name].shape), generator=gen)) for name in names}
+                   else torch.randn(tuple(net.blobs[name].shape), generator=gen)).to(net._device) for name in names}
 
 
 def _channels_last(module: nn.Module) -> None:
@@ -237,7 +239,10 @@ def build_fast(net: Any, *, compile: bool | None = None, precision: str = "auto"
     if precision not in ("auto", "fp32", "bf16"):
         raise CaffeportError(f"fast mode precision must be auto, fp32 or bf16, got {precision!r}")
     if precision == "auto":
-        precision = "bf16" if (cpu_has_bf16() and net._device.type == "cpu") else "fp32"
+        if net._device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        else:
+            precision = "bf16" if (cpu_has_bf16() and net._device.type == "cpu") else "fp32"
     if compile is None:
         compile = os.environ.get("CAFFEPORT_NO_COMPILE", "") not in ("1", "true", "yes")
     if passes is None:
@@ -254,6 +259,7 @@ def build_fast(net: Any, *, compile: bool | None = None, precision: str = "auto"
     data_layers = [p for p in net._plans if p.layer.is_data and not p.layer.is_input]
     fast = FastModule(inner, net.inputs, net.outputs, precision, channels_last)
     fast.data_plans = data_layers
+    fast.device = net._device
     fast.report = report
     fast.tolerance = float(tolerance) if tolerance is not None else (
         BF16_TOLERANCE if precision == "bf16" else FP32_TOLERANCE)

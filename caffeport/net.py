@@ -70,6 +70,14 @@ class _Plan:
         self.inplace = layer.can_run_inplace and len(bottoms) == 1 and tops == bottoms
 
 
+def exact_cuda_math() -> None:
+    """Turn TF32 off for CUDA convolutions and matmuls (process-wide). cuDNN convolutions default to
+    TF32 on Ampere and later GPUs (10 mantissa bits, ~1e-3 relative error); Caffe's are float32, so a
+    Net placed on CUDA turns it off. Fast mode's bf16 autocast is unaffected."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class NetModule(nn.Module):
     """The net as a ``torch.nn.Module``.
 
@@ -430,8 +438,9 @@ class Net:
     def rebuilt(self, param: caffe_pb2.NetParameter,
                 weights: PathLike | Mapping[str, Sequence[np.ndarray]] | None = None) -> Net:
         """A plain TEST-phase ``Net`` of ``param`` that resolves relative paths as this net does and
-        names this net's file in its errors (the graph passes build their result with it)."""
-        new = Net(param, weights, phase=TEST, root=self.ctx.root)
+        names this net's file in its errors (the graph passes build their result with it); on this
+        net's device."""
+        new = Net(param, weights, phase=TEST, root=self.ctx.root, device=self._device)
         new.source = self.source
         return new
 
@@ -498,6 +507,8 @@ class Net:
     # --- device ----------------------------------------------------------------------------------
     def to(self, device: str | torch.device) -> Net:
         self._device = torch.device(device)
+        if self._device.type == "cuda":
+            exact_cuda_math()
         self.module.to(self._device)
         self._data = {k: v.to(self._device) for k, v in self._data.items()}
         self._diffs = {k: v.to(self._device) for k, v in self._diffs.items()}

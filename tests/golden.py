@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
 GOLDEN = SHARED / "golden"
 CORPUS = SHARED / "corpus"
+# The device the golden forward/backward and solver cases run on: cpu here and in CI;
+# ``CAFFEPORT_TEST_DEVICE=cuda`` (bench/gpu_check.sh) runs the same cases on a GPU.
+TEST_DEVICE = os.environ.get("CAFFEPORT_TEST_DEVICE", "cpu")
 
 
 def cases(kind: str | None = None) -> list[str]:

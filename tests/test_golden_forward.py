@@ -7,7 +7,7 @@ import pytest
 
 from caffeport.net import Net
 from caffeport.proto import caffe_pb2
-from tests.golden import assert_close, case_info, cases, in_case, npz
+from tests.golden import TEST_DEVICE, assert_close, case_info, cases, in_case, npz
 
 FORWARD = cases("forward")
 
@@ -22,7 +22,8 @@ def test_forward_backward(name: str) -> None:
     atol, rtol = info["atol"], info["rtol"]
     with in_case(name) as d:
         net = Net(d / "net.prototxt", d / "weights.caffemodel" if (d / "weights.caffemodel").exists() else None,
-                  phase=_phase(info), allow_python_layers=True)  # golden fixtures are trusted code
+                  phase=_phase(info), allow_python_layers=True,  # golden fixtures are trusted code
+                  device=TEST_DEVICE)
         inputs = npz(name, "inputs.npz")
         net.forward(**inputs)
         ref = npz(name, "forward.npz")

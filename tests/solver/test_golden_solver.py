@@ -11,7 +11,7 @@ import pytest
 
 from caffeport.io import load_caffemodel, read_solver, read_solverstate
 from caffeport.solver import get_solver
-from tests.golden import assert_close, case_info, cases, in_case, npz
+from tests.golden import TEST_DEVICE, assert_close, case_info, cases, in_case, npz
 
 SOLVER_CASES = cases("solver")
 
@@ -29,7 +29,7 @@ def _run_case(name: str, tmp_path: Path) -> dict:
     with in_case(name) as d:
         param = read_solver(d / "solver.prototxt")
         param.snapshot_prefix = str(tmp_path / "snapshot")
-        solver = get_solver(param)
+        solver = get_solver(param, device=TEST_DEVICE)
         assert type(solver).__name__ == f"{info['solver_type']}Solver"
         # Layers not in init.caffemodel were filled by Caffe's RNG, which cannot be reproduced: start
         # them from Caffe's values; layers loaded from the caffemodel are checked instead.
