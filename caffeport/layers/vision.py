@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -496,9 +497,11 @@ class SPP(Layer):
 # --------------------------------------------------------------------------------------------------
 @register("LRN")
 class LRN(Layer):
-    """Local response normalisation. ACROSS_CHANNELS: x * (k + alpha/n * sum_window x^2)^-beta
-    (torch's formula). WITHIN_CHANNEL is Caffe's composition x * (1 + alpha * avgpool_n(x^2))^-beta,
-    where the n x n average pooling pads (n-1)/2 and always divides by n^2, and ``k`` is ignored.
+    """Local response normalisation. ACROSS_CHANNELS: ``scale = k + alpha/n * sum_window x^2``,
+    ``top = x * scale^-beta``, with Caffe's own backward (``_LRNAcross``; under torch.compile,
+    autograd's of the same forward); WITHIN_CHANNEL is Caffe's
+    composition x * (1 + alpha * avgpool_n(x^2))^-beta, where the n x n average pooling pads (n-1)/2
+    and always divides by n^2, and ``k`` is ignored.
     """
 
     min_bottoms = max_bottoms = 1
@@ -510,6 +513,12 @@ class LRN(Layer):
         if self.size % 2 != 1:
             raise self.error(f"LRN only supports odd values for local_size (got {self.size})")
         self.alpha, self.beta, self.k = float(lp.alpha), float(lp.beta), float(lp.k)
+        # Caffe's scalars of CrossChannel{Forward,Backward} as Dtype: alpha/size, k, beta, and
+        # 2*alpha*beta/size (computed in double, then stored as Dtype); float32 and float64 blobs
+        a, b, n = self.alpha, self.beta, self.size
+        self._f32 = (float(np.float32(a) / np.float32(n)), float(np.float32(self.k)), float(np.float32(b)),
+                     float(np.float32(2.0 * a * b / n)))
+        self._f64 = (a / n, self.k, b, 2.0 * a * b / n)
         self.region = lp.norm_region
         if len(bottom_shapes[0]) != 4:
             raise self.error(f"input must have 4 axes (num, channels, height, width), got {bottom_shapes[0]}")
@@ -521,16 +530,60 @@ class LRN(Layer):
         # A window wider than the blob only adds zero padding: clip it to n (same sums, the divisor stays
         # local_size), so that local_size: 2147483647 does not pad 2^30 channels / rows.
         if self.region == _LRN.ACROSS_CHANNELS:
-            n = 2 * int(x.shape[1]) + 1
-            if self.size <= n:
-                return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
-            return F.local_response_norm(x, n, self.alpha * n / self.size, self.beta, self.k)
+            # Caffe's scalars as Dtype; float64 stays float64, bf16/fp16 (fast mode) compute in float32
+            consts = self._f64 if x.dtype == torch.float64 else self._f32
+            if x.dtype not in (torch.float32, torch.float64):
+                x = x.float()
+            if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+                return _LRNAcross.apply(x, self.size, consts)  # Caffe's backward
+            return _lrn_across(x, self.size, consts)[0]  # no gradient, or compiled: autograd's
         n = min(self.size, 2 * max(int(x.shape[2]), int(x.shape[3])) + 1)
         p = (n - 1) // 2
         avg = F.avg_pool2d(x * x, n, 1, p, ceil_mode=True, count_include_pad=True)
         if n < self.size:
             avg = avg * ((n / self.size) ** 2)
         return x * torch.pow(1.0 + self.alpha * avg, -self.beta)
+
+
+def _channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``sum_{|d| <= size//2} t[:, c + d]`` with zeros outside the channels (Caffe's padded window);
+    offsets past the channel count add nothing, so a huge ``local_size`` costs no padding."""
+    c = int(t.shape[1])
+    h = min(size // 2, c - 1) if c else 0
+    if h <= 0:
+        return t
+    p = F.pad(t, (0, 0, 0, 0, h, h))
+    s = p[:, 0:c]
+    for i in range(1, 2 * h + 1):
+        s = s + p[:, i:i + c]
+    return s
+
+
+def _lrn_across(x: torch.Tensor, size: int, consts: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """Caffe's CrossChannelForward: ``(top, scale, scale^-beta)``."""
+    alpha_over_size, k, beta, _ = consts
+    scale = _channel_window_sum(x * x, size) * alpha_over_size + k
+    scale_pow = scale.pow(-beta)
+    return x * scale_pow, scale, scale_pow
+
+
+class _LRNAcross(torch.autograd.Function):
+    """Caffe's ``CrossChannelBackward``: ``bottom_diff = top_diff * scale^-beta - 2*alpha*beta/size * x *
+    window(top_diff * top / scale)`` (the forward is :func:`_lrn_across`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: int, consts: tuple[float, ...]) -> torch.Tensor:
+        top, scale, scale_pow = _lrn_across(x, size, consts)
+        ctx.save_for_backward(x, scale, scale_pow)
+        ctx.size, ctx.cache_ratio = size, consts[3]
+        return top
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, scale, scale_pow = ctx.saved_tensors
+        g = g.to(x.dtype)
+        ratio = _channel_window_sum(g * (x * scale_pow) / scale, ctx.size)  # top_diff * top / scale
+        return g * scale_pow - ctx.cache_ratio * (x * ratio), None, None
 
 
 # --------------------------------------------------------------------------------------------------

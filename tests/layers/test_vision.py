@@ -388,6 +388,35 @@ def test_lrn_reference_and_gradcheck(region, size) -> None:
                    [small]), [randn(*small)], params=False)
 
 
+@pytest.mark.parametrize("size,shape", [(5, (2, 2, 3, 3)), (9, (1, 3, 2, 2)), (2147483647, (2, 4, 2, 3)),
+                                        (5, (0, 6, 3, 3)), (3, (1, 1, 2, 2))])
+def test_lrn_across_window_wider_than_channels_and_empty(size, shape) -> None:
+    """Windows past the channels add zeros (a huge local_size pads nothing); empty batches; the
+    gradient against float64 finite differences."""
+    layer = make("LRN", f"lrn_param {{ local_size: {size} alpha: 0.5 beta: 0.75 k: 2 }}", [shape])
+    x = randn(*shape)
+    big = np.float64(size)
+    want = x * (2 + 0.5 / big * sum(np.pad(x * x, [(0, 0), (s, s), (0, 0), (0, 0)])[:, s + d: s + d + shape[1]]
+                                    for s in [shape[1]] for d in range(-min(size // 2, shape[1]),
+                                                                       min(size // 2, shape[1]) + 1))) ** -0.75
+    np.testing.assert_allclose(layer(torch.tensor(x)).numpy(), want, rtol=1e-10)
+    if shape[0]:
+        gradcheck(layer, [x], params=False)
+
+
+def test_lrn_across_channels_last_and_bf16_inputs() -> None:
+    """fast mode feeds channels_last (and, compiled, bf16) blobs: same numbers, float32 out for bf16."""
+    shape = (2, 6, 3, 4)
+    layer = make("LRN", "lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 }", [shape])
+    x = torch.tensor(randn(*shape), dtype=torch.float32)
+    want = layer(x)
+    got = layer(x.contiguous(memory_format=torch.channels_last))
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-6)
+    low = layer(x.bfloat16())
+    assert low.dtype == torch.float32
+    np.testing.assert_allclose(low.detach().numpy(), want.detach().numpy(), rtol=2e-2, atol=1e-2)
+
+
 def test_lrn_defaults_and_errors() -> None:
     layer = make("LRN", "", [(1, 6, 3, 3)])
     assert (layer.size, layer.alpha, layer.beta, layer.k) == (5, 1.0, 0.75, 1.0)
