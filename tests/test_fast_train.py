@@ -250,3 +250,30 @@ def test_eager_cpu_fast_training_uses_the_layers_own_low_precision_forward(tmp_p
         s.step(1)
         ip = next(p.layer for p in s.net._plans if p.layer.param.type == "InnerProduct")
         assert ip._low_precision_buffers["weight"].dtype == torch.bfloat16
+
+
+def test_low_precision_inner_product_two_forwards_into_one_loss() -> None:
+    """Two forwards of one layer summed into one loss: the reused gradient buffer must not make the
+    second gradient count twice (only the newest forward's backward writes it)."""
+    net = _ip_net(1, False, True, (4, 6))
+    layer = next(p.layer for p in net._plans if p.layer.param.type == "InnerProduct")
+    rng = np.random.default_rng(5)
+    xs = [torch.tensor(rng.normal(size=(4, 6)), dtype=torch.float32) for _ in range(2)]
+    gs = [rng.normal(size=(4, 7)) for _ in range(2)]
+    for p in layer.blobs:
+        p.grad = torch.zeros_like(p)
+    ys = [layer.forward_low_precision(x, dtype=torch.bfloat16) for x in xs]
+    sum((y * torch.tensor(g, dtype=torch.float32)).sum() for y, g in zip(ys, gs)).backward()
+    want = sum(g.T @ x.double().numpy() for g, x in zip(gs, xs))
+    got = layer.blobs[0].grad.double().numpy()
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+def test_low_precision_inner_product_weight_changed_before_backward_raises() -> None:
+    net = _ip_net(1, False, True, (4, 6))
+    layer = next(p.layer for p in net._plans if p.layer.param.type == "InnerProduct")
+    y = layer.forward_low_precision(torch.ones(4, 6), dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.blobs[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -9,6 +9,7 @@ low-precision InnerProduct (reused buffers instead of fresh per-step allocations
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -547,7 +548,7 @@ class InnerProduct(Layer):
         return y.reshape(tuple(x.shape[:self.axis]) + (self.num_output,))
 
 
-def _buffer(bufs: dict[str, torch.Tensor], key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _buffer(bufs: dict[str, Any], key: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     b = bufs.get(key)
     if b is None or b.shape != like.shape or b.dtype != dtype or b.device != like.device:
         b = bufs[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
@@ -557,35 +558,48 @@ def _buffer(bufs: dict[str, torch.Tensor], key: str, like: torch.Tensor, dtype: 
 class _LowPrecisionIP(torch.autograd.Function):
     """InnerProduct with its GEMMs in a low-precision ``dtype``: ``y = x W^T + b`` (``x W + b`` when
     transposed). The top, the bias and every gradient returned are float32 (the weight gradient is
-    the low-precision GEMM's result widened). The low-precision weight copy and the weight gradient
-    live in buffers reused from step to step, so the gradient handed to autograd is overwritten by
-    the next backward: accumulate it (``.grad``, as the solver does) before running another."""
+    the low-precision GEMM's result widened).
+
+    The low-precision weight copy and the weight gradient live in buffers reused from step to step:
+    every forward rewrites the copy (graphs still alive see the same values while the weight is
+    unchanged; a weight changed in place before an older graph's backward raises, as autograd would),
+    and only the newest forward's backward writes the shared gradient buffer (older graphs of the
+    same layer, e.g. two forwards summed into one loss, get fresh gradients). The gradient handed to
+    autograd is overwritten by the next backward: accumulate it (``.grad``, as the solver does)."""
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transpose: bool,
-                dtype: torch.dtype, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+                dtype: torch.dtype, bufs: dict[str, Any]) -> torch.Tensor:
         wl = _buffer(bufs, "weight", w, dtype)
         wl.copy_(w)
         xl = x2.to(dtype)
         y = (xl @ wl if transpose else xl @ wl.t()).float()
         if b is not None:
             y = y + b
-        ctx.save_for_backward(xl, wl)
+        ctx.save_for_backward(xl)
+        bufs["forwards"] = bufs.get("forwards", 0) + 1
+        ctx.wl, ctx.w, ctx.w_version, ctx.generation = wl, w, w._version, bufs["forwards"]
         ctx.transpose, ctx.bufs, ctx.has_bias = transpose, bufs, b is not None
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        xl, wl = ctx.saved_tensors
+        (xl,) = ctx.saved_tensors
+        wl = ctx.wl
+        if ctx.w._version != ctx.w_version:
+            raise RuntimeError("InnerProduct (fast training): its weight was modified by an inplace operation "
+                               "between this forward and its backward")
         gl = g.to(wl.dtype)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = (gl @ wl.t() if ctx.transpose else gl @ wl).float()
         if ctx.needs_input_grad[1]:
-            low = _buffer(ctx.bufs, "weight_diff_low", wl, wl.dtype)
+            newest = ctx.generation == ctx.bufs["forwards"]
+            low = _buffer(ctx.bufs, "weight_diff_low", wl, wl.dtype) if newest else torch.empty_like(wl)
             torch.mm(xl.t(), gl, out=low) if ctx.transpose else torch.mm(gl.t(), xl, out=low)
-            gw = _buffer(ctx.bufs, "weight_diff", wl, torch.float32)
-            gw.copy_(low)
+            gw = _buffer(ctx.bufs, "weight_diff", wl, torch.float32) if newest else low.float()
+            if newest:
+                gw.copy_(low)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb, None, None, None
