@@ -8,7 +8,8 @@ to travel); ``python -m bench.gpu_check [--device cuda] [--out DIR] [--quick] [-
    ``CAFFEPORT_TEST_DEVICE``: the tests compare to Caffe's numbers within each case's tolerances);
 3. ``caffeport train --gpu N`` (the CLI, LMDB data, fine-tuning with a renamed layer) on the golden
    case ``solver_finetune_renamed_lmdb``: the logged losses against Caffe's trace; then the same
-   fine-tuning for 300 iterations (finite losses, the last snapshot written);
+   fine-tuning for 300 iterations (finite losses, the last snapshot written), and ``caffeport test``
+   of its snapshot, exact and ``--fast`` (losses within 5e-2);
 4. inference on ResNet-50 (deploy net from the corpus, seeded weights, batch 64): fast vs exact max
    relative error, and images/s of exact and fast, alternated round by round (medians);
 5. training on CaffeNet (batch 32): exact vs fast (``Solver.enable_fast()``; compiled on CUDA by
@@ -78,7 +79,7 @@ def goldens(device: torch.device, workers: int) -> dict[str, Any]:
             "failed": failed[:40], "seconds": round(time.perf_counter() - t, 1)}
 
 
-def cli_train(device: torch.device, workdir: Path, long_iterations: int) -> dict[str, Any]:
+def cli_train(device: torch.device, workdir: Path, long_iterations: int, compile: bool | None) -> dict[str, Any]:
     """``caffeport train [--gpu N]`` on the LMDB fine-tuning golden case; losses vs Caffe's trace."""
     from caffeport.io import load_caffemodel, save_caffemodel
     from tests.golden import case_dir, case_info, npz
@@ -133,6 +134,20 @@ def cli_train(device: torch.device, workdir: Path, long_iterations: int) -> dict
                        "last_loss": losses[-1] if losses else None,
                        "snapshot": snap.exists(), "error": _last_line(r)}
     out["ok"] = bool(ok and r.returncode == 0 and losses and np.all(np.isfinite(losses)) and snap.exists())
+    # `caffeport test` on the TEST phase of that net with the snapshot, exact and --fast
+    tests = {}
+    for mode in ("exact", "fast"):
+        cmd = [sys.executable, "-m", "caffeport", "test", "--model", "train.prototxt", "--weights", snap.name,
+               "--iterations", "2"] + (["--gpu", str(device.index or 0)] if device.type == "cuda" else [])
+        env = dict(_env(), **({"CAFFEPORT_NO_COMPILE": "1"} if compile is False else {}))
+        r = subprocess.run(cmd + (["--fast"] if mode == "fast" else []), cwd=d, env=env, capture_output=True,
+                           text=True)
+        loss = re.findall(r"\] Loss: (\S+)", r.stderr + r.stdout)
+        tests[mode] = {"exit": r.returncode, "loss": float(loss[-1]) if loss else None, "error": _last_line(r)}
+    le, lf = tests["exact"]["loss"], tests["fast"]["loss"]
+    tests["rel_difference"] = abs(lf - le) / max(abs(le), 1e-12) if le is not None and lf is not None else None
+    out["cli_test"] = tests
+    out["ok"] = bool(out["ok"] and tests["rel_difference"] is not None and tests["rel_difference"] <= 5e-2)
     return out
 
 
@@ -223,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     steps: dict[str, Any] = {
         "environment": lambda: environment(device),
         "goldens": None if args.skip_pytest else (lambda: goldens(device, args.workers)),
-        "cli_train": lambda: cli_train(device, Path(tempfile.mkdtemp(prefix="gpu_check_")), 20 if args.quick else 300),
+        "cli_train": lambda: cli_train(device, Path(tempfile.mkdtemp(prefix="gpu_check_")), 20 if args.quick else 300,
+                                       compile),
         "inference": lambda: inference(device, 2 if args.quick else 64, 2 if args.quick else 7, compile),
         "training": lambda: training(device, 2 if args.quick else 32, 2 if args.quick else 5, compile),
     }

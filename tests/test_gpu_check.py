@@ -19,5 +19,6 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     cli = report["cli_train"]
     assert cli["iterations_compared"] == cli["of"] == 12 and cli["max_rel_error_vs_caffe"] <= 1e-3, cli
     assert cli["long_run"]["snapshot"] and cli["long_run"]["losses_logged"] >= 2, cli
+    assert cli["cli_test"]["exact"]["exit"] == cli["cli_test"]["fast"]["exit"] == 0, cli
     assert report["inference"]["max_rel_error"] <= 5e-2 and report["inference"]["fast_img_s"] > 0
     assert report["training"]["summary"].count("first batch vs exact") == 1

@@ -183,7 +183,7 @@ def test_cmd(model: str, weights: str, iterations: int, gpu: str | None, level: 
         for i in range(iterations):
             if fast_net is not None:
                 touts = fast_net()
-                outs = {k: v.numpy() for k, v in touts.items()}
+                outs = {k: v.cpu().numpy() for k, v in touts.items()}
                 lw = net.loss_weights
                 net.loss = float(sum(float(touts[k].double().sum()) * w for k, w in lw.items() if k in touts))
             else:
