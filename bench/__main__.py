@@ -40,11 +40,15 @@ def main(argv: list[str]) -> int:
             continue
         print(f"== {path.stem}", flush=True)
         mod = importlib.import_module(f"bench.{path.stem}")
+        argv0 = sys.argv
+        sys.argv = [path.name]  # each bench's own defaults, not this command's pattern
         try:
             mod.main()
         except Exception as e:  # keep going: one broken bench must not hide the others
             failed += 1
             print(f"{path.stem} failed: {type(e).__name__}: {e}", flush=True)
+        finally:
+            sys.argv = argv0
     return 1 if failed else 0
 
 
