@@ -583,6 +583,7 @@ class _LowPrecisionIP(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # Caffe has no second derivatives
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         (xl,) = ctx.saved_tensors
         wl = ctx.wl

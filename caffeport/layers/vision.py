@@ -579,6 +579,7 @@ class _LRNAcross(torch.autograd.Function):
         return top
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # Caffe has no second derivatives
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         x, scale, scale_pow = ctx.saved_tensors
         g = g.to(x.dtype)
