@@ -79,80 +79,73 @@ def goldens(device: torch.device, workers: int) -> dict[str, Any]:
             "failed": failed[:40], "seconds": round(time.perf_counter() - t, 1)}
 
 
-def cli_train(device: torch.device, workdir: Path, long_iterations: int, compile: bool | None) -> dict[str, Any]:
-    """``caffeport train [--gpu N]`` on the LMDB fine-tuning golden case; losses vs Caffe's trace."""
-    from caffeport.io import load_caffemodel, save_caffemodel
-    from tests.golden import case_dir, case_info, npz
+_LOSS_LINE = re.compile(r"Iteration (\d+)(?: \([^)]*\))?, loss = (\S+)")
 
-    d = workdir / FINETUNE
-    shutil.copytree(case_dir(FINETUNE), d)
-    info = case_info(FINETUNE)
-    trace = npz(FINETUNE, "trace.npz")
-    # Caffe filled the renamed layer with its own RNG: start it from Caffe's values (as the golden
-    # solver test does), in a caffemodel given with --weights
-    weights = load_caffemodel(d / "init.caffemodel")
-    init_layers = set(info.get("init_caffemodel_layers", []))
-    fresh: dict[str, dict[int, np.ndarray]] = {}
-    for k, v in trace.items():
-        if k.startswith("param/") and k.endswith("@0"):
-            layer, i = k[len("param/"):-2].rsplit("/", 1)
-            if layer not in init_layers:
-                fresh.setdefault(layer, {})[int(i)] = v
-    for layer, blobs in fresh.items():
-        weights[layer] = [blobs[i] for i in sorted(blobs)]
-    save_caffemodel(weights, d / "init_ft.caffemodel")
-    text = (d / "solver.prototxt").read_text()
-    (d / "solver_check.prototxt").write_text(re.sub(r"(?m)^display: \d+", "display: 1", text))
-    cmd = [sys.executable, "-m", "caffeport", "train", "solver_check.prototxt", "--weights", "init_ft.caffemodel",
-           "--log", "train.log"]
-    if device.type == "cuda":
-        cmd += ["--gpu", str(device.index or 0)]
-    r = subprocess.run(cmd, cwd=d, env=_env(), capture_output=True, text=True)
-    log = (d / "train.log").read_text() if (d / "train.log").exists() else ""
-    got = {int(m.group(1)): float(m.group(2))
-           for m in re.finditer(r"Iteration (\d+)(?: \([^)]*\))?, loss = (\S+)", log)}
-    want = trace["loss"].astype(np.float64)
-    its = [i for i in sorted(got) if i < len(want)]
-    rel = [abs(got[i] - want[i]) / max(abs(want[i]), 1e-12) for i in its]
-    err = max(rel) if rel else float("inf")
-    ok = bool(r.returncode == 0 and len(its) == len(want) and err <= max(10 * info["rtol"], 1e-4))
-    out = {"ok": ok, "exit": r.returncode, "iterations_compared": len(its), "of": len(want),
-           "max_rel_error_vs_caffe": err, "error": _last_line(r)}
-    # then a longer run of the same fine-tuning (the LMDB cycles; tests every 4 iterations): it must
-    # finish, log finite losses and write its last snapshot
-    cmd[cmd.index("solver_check.prototxt")] = "solver_long.prototxt"
-    (d / "solver_long.prototxt").write_text(re.sub(r"(?m)^display: \d+", "display: 10", text))
-    cmd[cmd.index("--log") + 1] = "long.log"
-    cmd += ["--iterations", str(long_iterations), "--snapshot_prefix", "long"]
-    t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=d, env=_env(), capture_output=True, text=True)
-    log = (d / "long.log").read_text() if (d / "long.log").exists() else ""
-    losses = [float(m.group(1)) for m in re.finditer(r"Iteration \d+(?: \([^)]*\))?, loss = (\S+)", log)]
-    snap = d / f"long_iter_{long_iterations}.caffemodel"
-    out["long_run"] = {"iterations": long_iterations, "exit": r.returncode,
-                       "seconds": round(time.perf_counter() - t, 1), "losses_logged": len(losses),
-                       "last_loss": losses[-1] if losses else None,
-                       "snapshot": snap.exists(), "error": _last_line(r)}
-    out["ok"] = bool(ok and r.returncode == 0 and losses and np.all(np.isfinite(losses)) and snap.exists())
-    # `caffeport test` on the TEST phase of that net with the snapshot, exact and --fast
-    tests = {}
-    for mode in ("exact", "fast"):
-        cmd = [sys.executable, "-m", "caffeport", "test", "--model", "train.prototxt", "--weights", snap.name,
-               "--iterations", "2"] + (["--gpu", str(device.index or 0)] if device.type == "cuda" else [])
-        env = dict(_env(), **({"CAFFEPORT_NO_COMPILE": "1"} if compile is False else {}))
-        r = subprocess.run(cmd + (["--fast"] if mode == "fast" else []), cwd=d, env=env, capture_output=True,
-                           text=True)
-        loss = re.findall(r"\] Loss: (\S+)", r.stderr + r.stdout)
-        tests[mode] = {"exit": r.returncode, "loss": float(loss[-1]) if loss else None, "error": _last_line(r)}
-    le, lf = tests["exact"]["loss"], tests["fast"]["loss"]
-    tests["rel_difference"] = abs(lf - le) / max(abs(le), 1e-12) if le is not None and lf is not None else None
-    out["cli_test"] = tests
-    out["ok"] = bool(out["ok"] and tests["rel_difference"] is not None and tests["rel_difference"] <= 5e-2)
-    return out
+
+def _caffeport(args: list[str], cwd: Path, no_compile: bool = False) -> tuple[subprocess.CompletedProcess, str]:
+    """``python -m caffeport ARGS`` in ``cwd``: the process and its log text (stderr + stdout)."""
+    env = dict(_env(), **({"CAFFEPORT_NO_COMPILE": "1"} if no_compile else {}))
+    r = subprocess.run([sys.executable, "-m", "caffeport", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return r, r.stderr + r.stdout
 
 
 def _last_line(r: subprocess.CompletedProcess) -> str:
     return "" if r.returncode == 0 else ((r.stderr or r.stdout).strip().splitlines() or [""])[-1]
+
+
+def cli_train(device: torch.device, workdir: Path, long_iterations: int, compile: bool | None) -> dict[str, Any]:
+    """``caffeport train [--gpu N]`` on the LMDB fine-tuning golden case (losses vs Caffe's trace), then
+    ``long_iterations`` of it, then ``caffeport test`` of its snapshot, exact vs ``--fast``."""
+    from caffeport.io import load_caffemodel, save_caffemodel
+    from tests.golden import caffe_filled_params, case_dir, case_info, npz
+
+    d = workdir / FINETUNE
+    shutil.copytree(case_dir(FINETUNE), d)
+    rtol = case_info(FINETUNE)["rtol"]
+    gpu = ["--gpu", str(device.index or 0)] if device.type == "cuda" else []
+    # Caffe filled the renamed layer with its own RNG: start it from Caffe's values, via --weights
+    weights = load_caffemodel(d / "init.caffemodel")
+    for layer, blobs in caffe_filled_params(FINETUNE).items():
+        weights[layer] = [blobs[i] for i in sorted(blobs)]
+    save_caffemodel(weights, d / "init_ft.caffemodel")
+    text = (d / "solver.prototxt").read_text()
+    for name, display in (("solver_check.prototxt", 1), ("solver_long.prototxt", 10)):
+        (d / name).write_text(re.sub(r"(?m)^display: \d+", f"display: {display}", text))
+
+    r, log = _caffeport(["train", "solver_check.prototxt", "--weights", "init_ft.caffemodel", *gpu], d)
+    got = {int(m.group(1)): float(m.group(2)) for m in _LOSS_LINE.finditer(log)}
+    want = npz(FINETUNE, "trace.npz")["loss"].astype(np.float64)
+    rel = [abs(got[i] - want[i]) / max(abs(want[i]), 1e-12) for i in sorted(got) if i < len(want)]
+    err = max(rel) if rel else float("inf")
+    out: dict[str, Any] = {"exit": r.returncode, "iterations_compared": len(rel), "of": len(want),
+                           "max_rel_error_vs_caffe": err, "error": _last_line(r)}
+    ok = r.returncode == 0 and len(rel) == len(want) and err <= max(10 * rtol, 1e-4)
+
+    # the same fine-tuning for longer (the LMDB cycles, tests every 4 iterations): it must finish, log
+    # finite losses and write its last snapshot
+    t = time.perf_counter()
+    r, log = _caffeport(["train", "solver_long.prototxt", "--weights", "init_ft.caffemodel", *gpu,
+                         "--iterations", str(long_iterations), "--snapshot_prefix", "long"], d)
+    losses = [float(m.group(2)) for m in _LOSS_LINE.finditer(log)]
+    snap = d / f"long_iter_{long_iterations}.caffemodel"
+    out["long_run"] = {"iterations": long_iterations, "exit": r.returncode,
+                       "seconds": round(time.perf_counter() - t, 1), "losses_logged": len(losses),
+                       "last_loss": losses[-1] if losses else None, "snapshot": snap.exists(),
+                       "error": _last_line(r)}
+    ok = ok and r.returncode == 0 and bool(losses) and bool(np.all(np.isfinite(losses))) and snap.exists()
+
+    # `caffeport test` on the TEST phase of that net with the snapshot, exact and --fast
+    tests: dict[str, Any] = {}
+    for mode, extra in (("exact", []), ("fast", ["--fast"])):
+        r, log = _caffeport(["test", "--model", "train.prototxt", "--weights", snap.name, "--iterations", "2",
+                             *gpu, *extra], d, no_compile=compile is False)
+        loss = re.findall(r"\] Loss: (\S+)", log)
+        tests[mode] = {"exit": r.returncode, "loss": float(loss[-1]) if loss else None, "error": _last_line(r)}
+    le, lf = tests["exact"]["loss"], tests["fast"]["loss"]
+    tests["rel_difference"] = abs(lf - le) / max(abs(le), 1e-12) if le is not None and lf is not None else None
+    out["cli_test"] = tests
+    out["ok"] = bool(ok and tests["rel_difference"] is not None and tests["rel_difference"] <= 5e-2)
+    return out
 
 
 def _alternate(runs: dict[str, Any], rounds: int, per_round: int, sync: Any) -> dict[str, float]:

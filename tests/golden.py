@@ -39,6 +39,20 @@ def npz(name: str, file: str) -> dict[str, np.ndarray]:
         return {k: d[k] for k in d.files}
 
 
+def caffe_filled_params(name: str) -> dict[str, dict[int, np.ndarray]]:
+    """A solver case's parameters that Caffe filled with its own RNG (not loaded from its
+    init.caffemodel): ``{layer: {blob index: Caffe's value at iteration 0}}``, so that a run can start
+    from them (Caffe's random streams cannot be reproduced)."""
+    init_layers = set(case_info(name).get("init_caffemodel_layers", []))
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for k, v in npz(name, "trace.npz").items():
+        if k.startswith("param/") and k.endswith("@0"):
+            layer, i = k[len("param/"):-len("@0")].rsplit("/", 1)
+            if layer not in init_layers:
+                out.setdefault(layer, {})[int(i)] = v
+    return out
+
+
 @contextlib.contextmanager
 def in_case(name: str) -> Iterator[Path]:
     """Run with the case folder as cwd and on sys.path (Python layer modules live there)."""

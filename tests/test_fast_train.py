@@ -24,7 +24,7 @@ from caffeport.errors import CaffeportError
 from caffeport.fast import FastModeNotice
 from caffeport.io import load_caffemodel, read_solver
 from caffeport.solver import get_solver
-from tests.golden import assert_close, case_dir, case_info, in_case, npz
+from tests.golden import assert_close, caffe_filled_params, case_dir, case_info, in_case, npz
 
 CASES = ["solver_sgd_momentum_step", "solver_sgd_itersize2", "solver_adam_poly"]
 # bf16 conv/fc (8 mantissa bits) on these tiny nets: Caffe's loss curve within 5% (relative, per
@@ -39,14 +39,9 @@ def _solver(name: str, tmp_path: Path, **fast: object) -> caffeport.solver.Solve
     param.snapshot = 0
     param.snapshot_after_train = False
     solver = get_solver(param)
-    info = case_info(name)
-    trace = npz(name, "trace.npz")
-    init_layers = set(info.get("init_caffemodel_layers", []))
-    for k, v in trace.items():  # layers Caffe filled with its own RNG start from Caffe's values
-        if k.startswith("param/") and k.endswith("@0"):
-            layer, i = k[len("param/"):-2].rsplit("/", 1)
-            if layer not in init_layers:
-                solver.net.params[layer][int(i)].data[...] = v
+    for layer, blobs in caffe_filled_params(name).items():  # Caffe's RNG: start from Caffe's values
+        for i, v in blobs.items():
+            solver.net.params[layer][i].data[...] = v
     solver.enable_fast(**fast)
     return solver
 

@@ -595,12 +595,12 @@ class _LowPrecisionIP(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = (gl @ wl.t() if ctx.transpose else gl @ wl).float()
         if ctx.needs_input_grad[1]:
-            newest = ctx.generation == ctx.bufs["forwards"]
-            low = _buffer(ctx.bufs, "weight_diff_low", wl, wl.dtype) if newest else torch.empty_like(wl)
-            torch.mm(xl.t(), gl, out=low) if ctx.transpose else torch.mm(gl.t(), xl, out=low)
-            gw = _buffer(ctx.bufs, "weight_diff", wl, torch.float32) if newest else low.float()
-            if newest:
-                gw.copy_(low)
+            a, b = (xl.t(), gl) if ctx.transpose else (gl.t(), xl)
+            if ctx.generation == ctx.bufs["forwards"]:  # the newest forward: into the shared buffers
+                gw = _buffer(ctx.bufs, "weight_diff", wl, torch.float32)
+                gw.copy_(torch.mm(a, b, out=_buffer(ctx.bufs, "weight_diff_low", wl, wl.dtype)))
+            else:  # an older graph of this layer: fresh tensors
+                gw = torch.mm(a, b).float()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb, None, None, None

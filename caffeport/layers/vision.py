@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from caffeport.layers.base import Layer, Shape, register
+from caffeport.layers.base import Layer, Shape, register, run_function
 from caffeport.proto import caffe_pb2
 
 FLT_MAX = 3.4028234663852886e38
@@ -527,16 +527,16 @@ class LRN(Layer):
         return [bottom_shapes[0]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A window wider than the blob only adds zero padding: clip it to n (same sums, the divisor stays
-        # local_size), so that local_size: 2147483647 does not pad 2^30 channels / rows.
         if self.region == _LRN.ACROSS_CHANNELS:
             # Caffe's scalars as Dtype; float64 stays float64, bf16/fp16 (fast mode) compute in float32
             consts = self._f64 if x.dtype == torch.float64 else self._f32
             if x.dtype not in (torch.float32, torch.float64):
                 x = x.float()
-            if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
-                return _LRNAcross.apply(x, self.size, consts)  # Caffe's backward
-            return _lrn_across(x, self.size, consts)[0]  # no gradient, or compiled: autograd's
+            if torch.compiler.is_compiling():  # autograd of the same forward (the Function slowed inductor)
+                return _lrn_across(x, self.size, consts)[0]
+            return run_function(_LRNAcross, x, self.size, consts)
+        # A window wider than the blob only adds zero padding: clip it to n (same sums, the divisor stays
+        # local_size), so that local_size: 2147483647 does not pad 2^30 rows.
         n = min(self.size, 2 * max(int(x.shape[2]), int(x.shape[3])) + 1)
         p = (n - 1) // 2
         avg = F.avg_pool2d(x * x, n, 1, p, ceil_mode=True, count_include_pad=True)

@@ -11,7 +11,7 @@ import pytest
 
 from caffeport.io import load_caffemodel, read_solver, read_solverstate
 from caffeport.solver import get_solver
-from tests.golden import TEST_DEVICE, assert_close, case_info, cases, in_case, npz
+from tests.golden import TEST_DEVICE, assert_close, caffe_filled_params, case_info, cases, in_case, npz
 
 SOLVER_CASES = cases("solver")
 
@@ -25,7 +25,6 @@ def _key(k: str) -> tuple[str, int, int]:
 
 def _run_case(name: str, tmp_path: Path) -> dict:
     info = case_info(name)
-    trace = npz(name, "trace.npz")
     with in_case(name) as d:
         param = read_solver(d / "solver.prototxt")
         param.snapshot_prefix = str(tmp_path / "snapshot")
@@ -33,12 +32,9 @@ def _run_case(name: str, tmp_path: Path) -> dict:
         assert type(solver).__name__ == f"{info['solver_type']}Solver"
         # Layers not in init.caffemodel were filled by Caffe's RNG, which cannot be reproduced: start
         # them from Caffe's values; layers loaded from the caffemodel are checked instead.
-        init_layers = set(info.get("init_caffemodel_layers", []))
-        for k, v in trace.items():
-            if k.startswith("param/") and k.endswith("@0"):
-                layer, i, _ = _key(k)
-                if layer not in init_layers:
-                    solver.net.params[layer][i].data[...] = v
+        for layer, blobs in caffe_filled_params(name).items():
+            for i, v in blobs.items():
+                solver.net.params[layer][i].data[...] = v
         got: dict = {"loss": [], "lr": [], "lpf": [], "grad": {}, "param": {}, "test": {}}
         grad_iters = set(info["grad_iters"])
         param_iters = set(info["param_snapshot_iters"])
